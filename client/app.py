@@ -1,0 +1,51 @@
+"""The Flower ClientApp: unpack the message, run the round, pack the reply.
+
+Only LoRA adapter tensors and scalar metrics (plus a few descriptive strings:
+client name, quantization mode, adapter config) leave the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.rounds import evaluate_round, train_round
+from client.settings import ClientSettings
+
+# Library chatter that says nothing to a user of the ClientApp's process.
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", category=FutureWarning)
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "no fast CPU 4-bit kernel" notice
+
+app = ClientApp()
+
+
+def _settings(msg: Message, context: Context) -> ClientSettings:
+    return ClientSettings.from_records(dict(msg.content["config"]), dict(context.node_config))
+
+
+def _arrays(msg: Message) -> dict[str, np.ndarray]:
+    record = msg.content.array_records.get("arrays")
+    return {k: v.numpy() for k, v in record.items()} if record else {}
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    arrays, metrics, info = train_round(_settings(msg, context), _arrays(msg))
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        "metrics": MetricRecord(metrics),
+        "info": ConfigRecord(info),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    metrics, info = evaluate_round(_settings(msg, context), _arrays(msg))
+    content = RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord(info)})
+    return Message(content=content, reply_to=msg)

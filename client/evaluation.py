@@ -1,0 +1,46 @@
+"""Held-out metrics: loss, perplexity and next-token accuracy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from client.data import Examples
+
+
+@dataclass(frozen=True)
+class EvalSums:
+    """Sums that aggregate across clients by adding; ratios are taken at the end."""
+
+    loss_sum: float  # total next-token cross-entropy (nats)
+    tokens: int
+    correct: int
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.tokens if self.tokens else math.nan
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+@torch.inference_mode()
+def evaluate(model, data: Examples, batch_size: int = 8) -> EvalSums:
+    model.eval()
+    loss_sum, tokens, correct = 0.0, 0, 0
+    for start in range(0, len(data), batch_size):
+        batch = data.select(torch.arange(start, min(start + batch_size, len(data))))
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = logits[:, :-1].float()
+        labels = batch.labels[:, 1:]
+        valid = labels != -100
+        ce = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum"
+        )
+        loss_sum += float(ce)
+        tokens += int(valid.sum())
+        correct += int(((logits.argmax(-1) == labels) & valid).sum())
+    return EvalSums(loss_sum, tokens, correct)

@@ -1,0 +1,96 @@
+"""What one client round needs to know: the server's config plus the node's own."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Keys a SuperNode may set in its node config (they win over the server's config).
+NODE_KEYS = ("data", "partition-id", "client", "state-dir", "quantization", "device", "threads")
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    run_id: str
+    round: int
+    num_rounds: int
+    model: str
+    quantization: str
+    device: str
+    threads: int
+    data: str
+    partition: int
+    client: str  # "" until the data partition names it
+    state_dir: str  # "" -> <state-root>/<client>
+    state_root: str
+    seq_len: int
+    batch_size: int
+    local_steps: int
+    lr: float
+    optimizer: str
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: tuple[str, ...]
+    dp: bool
+    target_epsilon: float
+    delta: float
+    noise_multiplier: float | None  # None: derived from target_epsilon
+    clip_norm: float
+    max_eval_seqs: int
+    seed: int
+    reproducible: bool
+    cache_dir: str
+
+    @classmethod
+    def from_records(cls, config: dict[str, Any], node: dict[str, Any]) -> ClientSettings:
+        merged = {**config, **{k: v for k, v in node.items() if k in NODE_KEYS}}
+
+        def get(key: str, default: Any = None) -> Any:
+            if key not in merged and default is None:
+                raise ValueError(f"client config is missing {key!r}")
+            return merged.get(key, default)
+
+        noise = get("noise-multiplier", "auto")
+        return cls(
+            run_id=str(get("run-id", "local")),
+            round=int(get("server-round", 0)),
+            num_rounds=int(get("num-server-rounds")),
+            model=str(get("model")),
+            quantization=str(get("quantization")),
+            device=str(get("device", "auto")),
+            threads=int(get("threads", 0)),
+            data=str(get("data")),
+            partition=int(get("partition-id", 0)),
+            client=str(get("client", "")),
+            state_dir=str(get("state-dir", "")),
+            state_root=str(get("state-root", "")),
+            seq_len=int(get("seq-len")),
+            batch_size=int(get("batch-size")),
+            local_steps=int(get("local-steps")),
+            lr=float(get("lr")),
+            optimizer=str(get("optimizer", "adamw")),
+            lora_r=int(get("lora-r")),
+            lora_alpha=float(get("lora-alpha")),
+            lora_dropout=float(get("lora-dropout", 0.0)),
+            lora_targets=tuple(t.strip() for t in str(get("lora-targets")).split(",") if t.strip()),
+            dp=bool(get("dp")),
+            target_epsilon=float(get("target-epsilon")),
+            delta=float(get("delta")),
+            noise_multiplier=None if str(noise) == "auto" else float(noise),
+            clip_norm=float(get("clip-norm")),
+            max_eval_seqs=int(get("max-eval-seqs", 32)),
+            seed=int(get("seed", 0)),
+            reproducible=bool(get("reproducible", False)),
+            cache_dir=str(get("cache-dir", "")),
+        )
+
+    def resolved_state_dir(self, client: str) -> Path:
+        if self.state_dir:
+            return Path(self.state_dir)
+        if self.state_root:
+            return Path(self.state_root) / client
+        base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+        return Path(base) / "fedslm" / client

@@ -1,0 +1,1 @@
+"""fedslm: the command-line front door (`fedslm simulate`)."""

@@ -1,0 +1,77 @@
+"""Parse the command line and dispatch; user errors become one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+USAGE_ERROR = 2
+RUN_FAILED = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedslm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run a local federation on Flower's simulation engine")
+    sim.add_argument("--config", help="TOML scenario file of key = value pairs")
+    sim.add_argument("--rounds", type=int, help="server rounds (num-server-rounds)")
+    sim.add_argument("--clients", type=int, help="number of clients (num-clients)")
+    sim.add_argument("--local-steps", type=int, help="DP-SGD steps per client and round")
+    sim.add_argument("--out", help="folder that receives the run directory (default: runs)")
+    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="any config key, e.g. --set lora-r=16 (repeatable)")
+    sim.add_argument("-v", "--verbose", action="store_true", help="log each client's rounds")
+    return parser
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from server.config import load_file, parse_overrides
+    from simulations.engine import simulate
+
+    config = load_file(args.config) if args.config else {}
+    flags = {"num-server-rounds": args.rounds, "num-clients": args.clients,
+             "local-steps": args.local_steps, "out": args.out}
+    config.update({k: v for k, v in flags.items() if v is not None})
+    config.update(parse_overrides(args.set))
+    simulate(config)
+    return 0
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("fedslm")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
+    flwr = logging.getLogger("flwr")
+    flwr.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    if args.command == "simulate":
+        from simulations.loopback import apply_loopback
+
+        apply_loopback()  # before anything imports Ray
+
+    from client.data import DataError
+    from client.model import ModelError
+    from privacy.ledger import LedgerError
+    from server.app import FederationError
+    from server.config import ConfigError
+
+    try:
+        return _simulate(args)
+    except (ConfigError, DataError, ModelError, LedgerError) as exc:
+        print(f"fedslm: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except FederationError as exc:
+        print(f"fedslm: run failed: {exc}", file=sys.stderr)
+        return RUN_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

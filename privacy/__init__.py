@@ -1,0 +1,1 @@
+"""Privacy accounting and the per-client ledger. Imports neither client nor server."""

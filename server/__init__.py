@@ -1,0 +1,1 @@
+"""The coordinator: the Flower ServerApp, adapter aggregation, the run's records."""

@@ -1,0 +1,84 @@
+"""The run directory: config.json, metrics.jsonl, adapter/, clients/."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def new_run_dir(out: str | Path) -> Path:
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+    path = Path(out).expanduser().resolve() / run_id
+    (path / "clients").mkdir(parents=True)
+    return path
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no Infinity or NaN: write null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    _atomic_write(path, (json.dumps(_finite(data), indent=2) + "\n").encode())
+
+
+def append_metrics(run_dir: Path, line: dict[str, Any]) -> None:
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(_finite(line), allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def save_adapter(folder: Path, arrays: dict[str, np.ndarray], config_json: str) -> None:
+    """The adapter in PEFT's format, loadable with PeftModel.from_pretrained."""
+    from safetensors.numpy import save
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
+    _atomic_write(folder / ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    _atomic_write(folder / ADAPTER_CONFIG, config_json.encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def summary_line(line: dict[str, Any], num_rounds: int) -> str:
+    eps = line.get("epsilon")
+    eps_text = f"ε {eps or 0:.2f} (δ={line['delta']:g})"
+    if eps is None and line["round"]:
+        eps_text = "no DP (ε = ∞)"
+    return (
+        f"round {line['round']}/{num_rounds}  loss {line['eval_loss']:.3f}  "
+        f"ppl {line['perplexity']:.1f}  acc {line['token_accuracy']:.3f}  {eps_text}  "
+        f"{line['round_seconds']:.1f}s  up {line['bytes_up'] / 1e6:.2f} MB  "
+        f"down {line['bytes_down'] / 1e6:.2f} MB"
+        + (f"  failed: {len(line['failures'])}" if line.get("failures") else "")
+    )

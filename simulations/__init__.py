@@ -1,0 +1,1 @@
+"""Running federations on one machine: the simulation engine and scenario files."""

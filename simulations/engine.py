@@ -1,0 +1,62 @@
+"""`fedslm simulate`: a federation on Flower's simulation engine (Ray), on one machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from client.data import DataError, partitions
+from client.model import ModelError, check_lora_targets, prepare_base
+from server.config import validate
+from server.records import new_run_dir
+from simulations.loopback import apply_loopback
+
+log = logging.getLogger("fedslm")
+
+
+def preflight(config: dict[str, Any]) -> None:
+    """Fail fast, before Ray starts, on data and model problems a user can fix."""
+    parts = partitions(config["data"])
+    if config["num-clients"] > len(parts):
+        raise DataError(
+            f"num-clients={config['num-clients']} but data {config['data']!r} has only "
+            f"{len(parts)} client partitions"
+        )
+    cache = Path(config["cache-dir"]) if config["cache-dir"] else None
+    source = prepare_base(config["model"], cache)  # builds the cache once, not per client
+    check_lora_targets(source, [t.strip() for t in config["lora-targets"].split(",")])
+
+
+def simulate(overrides: dict[str, Any], echo: Callable[[str], None] = print) -> Path:
+    """Run a local federation; returns the run directory."""
+    config = validate(overrides)
+    apply_loopback()
+    preflight(config)
+    if config["threads"] == 0:
+        config["threads"] = config["client-cpus"]
+    run_dir = new_run_dir(config["out"])
+    echo(f"fedslm: {config['num-clients']} clients, {config['num-server-rounds']} rounds, "
+         f"run directory {run_dir}")
+
+    import torch
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import make_server_app
+
+    backend = {
+        "client_resources": {"num_cpus": config["client-cpus"],
+                             "num_gpus": 1.0 if torch.cuda.is_available() else 0.0},
+        "init_args": {"num_cpus": max(os.cpu_count() or 1, config["client-cpus"]),
+                      "include_dashboard": False, "logging_level": "ERROR"},
+    }
+    run_simulation(server_app=make_server_app(config, run_dir), client_app=client_app,
+                   num_supernodes=config["num-clients"], backend_config=backend)
+    echo(str(run_dir))
+    return run_dir
+
+
+__all__ = ["simulate", "preflight", "ModelError", "DataError"]

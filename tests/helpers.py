@@ -1,0 +1,19 @@
+"""Building blocks for tests: settings for one client round on local files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from client.settings import ClientSettings
+from server.config import DEFAULTS
+
+
+def client_settings(model: Path, data: Path, state: Path, **overrides: Any) -> ClientSettings:
+    config = {**DEFAULTS, "model": str(model), "data": str(data), "seq-len": 32,
+              "batch-size": 4, "local-steps": 2, "num-server-rounds": 3, "threads": 1,
+              "reproducible": True, "state-root": str(state), "server-round": 1,
+              "run-id": "test-run"}
+    config.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    node = {"partition-id": config.pop("partition-id", 0)}
+    return ClientSettings.from_records(config, node)

@@ -1,0 +1,106 @@
+"""DP-SGD against plain training, noise, empty Poisson draws, and the adapter moving."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from client import data as data_mod
+from client import model as model_mod
+from client.trainer import DPSettings, per_sequence_loss, train
+
+FP32 = model_mod.Quantization("none", "float32", "test")
+
+
+def _lora_model(tiny_model, seed=0):
+    base, tokenizer = model_mod.load_base(str(tiny_model), FP32, torch.device("cpu"))
+    return model_mod.attach_lora(base, 4, 8.0, 0.0, ["q_proj", "v_proj"], seed), tokenizer
+
+
+def _examples(tiny_model, text_clients, seq_len=32):
+    model, tokenizer = _lora_model(tiny_model)
+    part = data_mod.partition(str(text_clients), 0)
+    return data_mod.encode(part, tokenizer, seq_len, max_heldout=8)[0]
+
+
+def _run(tiny_model, examples, dp, steps=3, optimizer="sgd", batch=8, noise_seed=1):
+    model, _ = _lora_model(tiny_model)
+    before = model_mod.get_adapter(model)
+    result = train(model, examples, steps, batch, 0.5, dp, torch.Generator().manual_seed(7),
+                   torch.Generator().manual_seed(noise_seed), optimizer)
+    after = model_mod.get_adapter(model)
+    return before, after, result
+
+
+def _max_diff(a, b):
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_dp_with_no_noise_and_no_clipping_equals_plain_training(tiny_model, text_clients,
+                                                               optimizer):
+    examples = _examples(tiny_model, text_clients)
+    before, plain, _ = _run(tiny_model, examples, None, optimizer=optimizer)
+    _, private, _ = _run(tiny_model, examples, DPSettings(0.0, 1e9), optimizer=optimizer)
+    moved = _max_diff(before, plain)
+    assert moved > 1e-4, "plain training did not move the adapter"
+    # float32 sums in a different order: equal to ~1e-7 of the update (Adam amplifies
+    # rounding where a gradient is near zero, hence the looser bound there)
+    assert _max_diff(plain, private) <= (1e-6 if optimizer == "sgd" else 1e-4) * moved
+
+
+def test_per_sample_gradients_match_per_example_autograd(tiny_model, text_clients):
+    """Opacus' per-sample gradients of the LoRA layers equal one backward per example."""
+    from opacus import GradSampleModule
+
+    examples = _examples(tiny_model, text_clients).select(torch.arange(4))
+    model, _ = _lora_model(tiny_model)
+    model_mod.set_adapter(model, {k: v + 0.01 for k, v in model_mod.get_adapter(model).items()})
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    expected = []
+    for i in range(len(examples)):
+        model.zero_grad()
+        per_sequence_loss(model, examples.select(torch.tensor([i]))).sum().backward()
+        expected.append({n: p.grad.clone() for n, p in params.items()})
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    model.zero_grad()
+    per_sequence_loss(gsm, examples).sum().backward()
+    for name, p in params.items():
+        for i in range(len(examples)):
+            torch.testing.assert_close(p.grad_sample[i], expected[i][name], rtol=1e-4, atol=1e-6)
+    gsm._close()
+
+
+def test_noise_changes_the_update(tiny_model, text_clients):
+    examples = _examples(tiny_model, text_clients)
+    _, plain, _ = _run(tiny_model, examples, None)
+    _, noisy, _ = _run(tiny_model, examples, DPSettings(1.0, 1.0))
+    _, noisy_again, _ = _run(tiny_model, examples, DPSettings(1.0, 1.0), noise_seed=2)
+    assert _max_diff(plain, noisy) > 1e-3
+    assert _max_diff(noisy, noisy_again) > 1e-3, "noise did not depend on its generator"
+
+
+def test_clipping_bounds_each_example(tiny_model, text_clients):
+    """With one example per step, no noise and SGD, each step moves at most lr * C / B."""
+    examples = _examples(tiny_model, text_clients).select(torch.arange(1))
+    clip, lr = 1e-3, 0.5
+    model, _ = _lora_model(tiny_model)
+    before = model_mod.get_adapter(model)
+    train(model, examples, 1, 1, lr, DPSettings(0.0, clip), torch.Generator().manual_seed(0),
+          None, "sgd")
+    after = model_mod.get_adapter(model)
+    step = np.sqrt(sum(float(((after[k] - before[k]) ** 2).sum()) for k in before))
+    assert 0 < step <= lr * clip * 1.0001
+
+
+def test_empty_poisson_draws_still_take_a_noise_step(tiny_model, text_clients):
+    examples = _examples(tiny_model, text_clients).select(torch.arange(20))
+    before, after, result = _run(tiny_model, examples, DPSettings(1.0, 1.0), steps=12, batch=1)
+    assert result.empty_steps > 0
+    assert result.sample_rate == pytest.approx(1 / 20)
+    assert all(np.isfinite(v).all() for v in after.values())
+    assert _max_diff(before, after) > 0
+
+    _, plain_after, plain = _run(tiny_model, examples, None, steps=12, batch=1)
+    assert plain.empty_steps == result.empty_steps  # the same draws without DP

@@ -1,0 +1,162 @@
+"""A real Flower simulation (Ray backend) through the `fedslm` command, checked against
+the run-directory contract; a failing run exits non-zero; Ray stays on loopback."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from privacy.ledger import Ledger
+
+RUN_KEYS = {"round", "eval_loss", "perplexity", "token_accuracy", "epsilon", "delta",
+            "round_seconds", "bytes_up", "bytes_down", "clients"}
+CLIENT_KEYS = {"client", "epsilon", "num_examples", "train_seconds", "energy_j",
+               "energy_method", "peak_rss_mb", "bytes_up"}
+
+pytestmark = pytest.mark.slow
+
+
+def _fedslm(args: list[str], cache: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FEDSLM_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "fedslm.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def _ray_processes_since(start: float) -> list[str]:
+    found = []
+    for p in psutil.process_iter(["name", "cmdline", "create_time"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["create_time"] >= start and ("raylet" in cmd or "gcs_server" in cmd
+                                               or "ray::" in cmd):
+            found.append(cmd[:80])
+    return found
+
+
+def test_two_clients_two_rounds_write_the_run_directory(tiny_model, text_clients, tmp_path):
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from client import model as model_mod
+
+    start = time.time()
+    out = _fedslm(["simulate", "--clients", "2", "--rounds", "2", "--local-steps", "3",
+                   "--out", str(tmp_path / "runs"), "--set", f"model={tiny_model}",
+                   "--set", f"data={text_clients}", "--set", "seq-len=32",
+                   "--set", "batch-size=4"], tmp_path / "cache")
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert [ln.split()[1] for ln in lines if ln.startswith("round ")] == ["0/2", "1/2", "2/2"]
+    run_dir = Path(lines[-1])
+    assert run_dir.parent == tmp_path / "runs"
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["num-clients"] == 2 and config["model"] == str(tiny_model)
+
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    for m in metrics:
+        assert RUN_KEYS <= set(m)
+        assert m["perplexity"] == pytest.approx(math.exp(m["eval_loss"]))
+        assert len(m["clients"]) == 2
+        for c in m["clients"]:
+            assert CLIENT_KEYS <= set(c)
+            assert c["energy_method"].startswith("estimated:")
+        assert m["epsilon"] == max(c["epsilon"] for c in m["clients"])
+    assert metrics[0]["epsilon"] == 0 and metrics[0]["bytes_up"] == 0
+    assert 0 < metrics[1]["epsilon"] < metrics[2]["epsilon"] <= 8.0
+    assert all(m["bytes_up"] > 0 and m["bytes_down"] > 0 for m in metrics[1:])
+
+    base, _ = model_mod.load_base(str(tiny_model), model_mod.Quantization("none", "float32", ""),
+                                  model_mod.pick_device("cpu"))
+    adapter = get_peft_model_state_dict(PeftModel.from_pretrained(base, run_dir / "adapter"))
+    assert any(np.abs(v.numpy()).sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+
+    for c in metrics[-1]["clients"]:
+        with Ledger(run_dir / "clients" / c["client"] / "ledger.sqlite", create=False) as ledger:
+            assert ledger.verify() == []
+            entries = ledger.entries()
+            assert [e.round for e in entries] == [1, 2]
+            assert entries[-1].epsilon == pytest.approx(c["epsilon"])
+    assert _ray_processes_since(start) == []
+
+
+def test_a_run_whose_clients_all_fail_exits_non_zero(tiny_model, tmp_path):
+    data = tmp_path / "small"
+    for name in ("a", "b"):
+        (data / name).mkdir(parents=True)
+        (data / name / "t.txt").write_text("too short")
+    out = _fedslm(["simulate", "--clients", "2", "--rounds", "1", "--out", str(tmp_path / "r"),
+                   "--set", f"model={tiny_model}", "--set", f"data={data}"], tmp_path / "cache")
+    assert out.returncode == 1
+    assert "fedslm: run failed: round 0: no client could evaluate" in out.stderr
+    assert "at least 10 are needed for a held-out split" in out.stderr
+
+
+RAY_PROBE = """
+import json, os, psutil
+from simulations.loopback import apply_loopback
+apply_loopback()
+import ray
+ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+node = ray.nodes()[0]["NodeManagerAddress"]
+addresses = set()
+me = psutil.Process()
+for p in [me, *me.children(recursive=True)]:
+    try:
+        addresses |= {c.laddr.ip for c in p.net_connections("inet") if c.status == "LISTEN"}
+    except psutil.Error:
+        pass
+ray.shutdown()
+print(json.dumps({"node": node, "listen": sorted(addresses)}))
+"""
+
+
+def test_ray_binds_to_loopback_only(tmp_path):
+    env = {**os.environ, "FEDSLM_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", RAY_PROBE], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["node"] == "127.0.0.1"
+    assert report["listen"], "found no listening Ray socket to check"
+    for address in map(ipaddress.ip_address, report["listen"]):
+        mapped = getattr(address, "ipv4_mapped", None)
+        assert (mapped or address).is_loopback, f"Ray listens on {address}"
+    assert (tmp_path / "ray-home" / "ray_bootstrap_config.yaml").is_file()
+
+
+def test_flwr_run_on_a_local_superlink(tiny_model, text_clients, tmp_path):
+    """`flwr run .` (through the wrapper that keeps it on loopback and stops the SuperLink)."""
+    def flwr_run(extra: str) -> subprocess.CompletedProcess:
+        config = (f"num-clients=2 num-server-rounds=1 local-steps=2 model='{tiny_model}' "
+                  f"data='{text_clients}' seq-len=32 batch-size=4 out='{tmp_path / 'runs'}' "
+                  + extra)
+        env = {**os.environ, "FEDSLM_CACHE_DIR": str(tmp_path / "cache")}
+        return subprocess.run([sys.executable, "-m", "simulations.flwr_local", "--supernodes",
+                               "2", "--run-config", config], capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    start = time.time()
+    out = flwr_run("")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "flwr run status: finished:completed" in out.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    rounds = [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+    failed = flwr_run("lora-targets='c_attn'")
+    assert failed.returncode == 1
+    assert "flwr run status: finished:failed" in failed.stdout
+    assert not [p for p in psutil.process_iter(["cmdline", "create_time"])
+                if p.info["create_time"] >= start
+                and "flower-superlink" in " ".join(p.info["cmdline"] or [])]
