@@ -46,6 +46,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    metrics, info = evaluate_round(_settings(msg, context), _arrays(msg))
+    initial, metrics, info = evaluate_round(_settings(msg, context), _arrays(msg))
     content = RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord(info)})
+    if initial:  # round 0: the seeded, data-independent initial adapter
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in initial.items()})
     return Message(content=content, reply_to=msg)

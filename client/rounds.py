@@ -24,7 +24,8 @@ from client.energy import CpuTimeEnergy, peak_rss_mb
 from client.evaluation import evaluate
 from client.settings import ClientSettings
 from client.trainer import DPSettings, sample_rate, train
-from privacy.accountant import epsilon, noise_for_target
+from privacy.accountant import epsilon
+from privacy.budget import Budget, RoundPlan, plan_round
 from privacy.ledger import Entry, Ledger
 
 log = logging.getLogger("fedslm")
@@ -92,43 +93,49 @@ def _generators(s: ClientSettings, client: str) -> tuple[torch.Generator, torch.
     return tuple(torch.Generator().manual_seed(x) for x in seeds)  # type: ignore[return-value]
 
 
-def planned_noise(s: ClientSettings, q: float) -> float:
-    """σ from config, or the one that makes all planned rounds land on the target ε."""
-    if s.noise_multiplier is not None:
-        return s.noise_multiplier
-    return noise_for_target(s.target_epsilon, s.delta, q, s.num_rounds * s.local_steps)
-
-
 def train_round(s: ClientSettings, arrays: dict[str, np.ndarray]) -> tuple[dict, dict, dict]:
-    """Charge the ledger, train, and return (adapter arrays, metrics, info)."""
+    """Check the budget, charge the ledger, train; return (adapter arrays, metrics, info).
+
+    A round the budget does not allow returns no arrays and says why in info["status"].
+    """
     session = Session.get(s)
-    session.load_global(arrays, s.seed)
     q = sample_rate(len(session.train), s.batch_size)
-    sigma = planned_noise(s, q) if s.dp else 0.0
-    dp = DPSettings(sigma, s.clip_norm) if s.dp else None
-    state = s.resolved_state_dir(session.client)
-    with Ledger(state / LEDGER_FILE) as ledger:
-        history = ledger.history() + [(sigma, q, s.local_steps)]
-        eps = epsilon(history, s.delta, ACCOUNTANT)
+    with Ledger(s.resolved_state_dir(session.client) / LEDGER_FILE) as ledger:
+        entries = ledger.entries()
+        plan = plan_round(
+            earlier_runs=[e.mechanism for e in entries if e.run_id != s.run_id],
+            this_run=[e.mechanism for e in entries if e.run_id == s.run_id],
+            sample_rate=q, steps=s.local_steps, planned_steps=s.num_rounds * s.local_steps,
+            delta=s.delta, target_epsilon=s.target_epsilon,
+            budget=Budget(s.budget_epsilon, s.budget_delta),
+            noise_multiplier=s.noise_multiplier, private=s.dp,
+        )
+        if plan.refused:
+            log.warning("client %s round %d: not training: %s", session.client, s.round,
+                        plan.refused)
+            return {}, _budget_metrics(s, plan), _info(session, "", plan.refused)
         # Charged before training: a crash after this line still counts as spent.
         ledger.append(Entry(
             run_id=s.run_id, round=s.round, client=session.client,
-            dataset=session.train.fingerprint(), noise_multiplier=sigma, sample_rate=q,
-            steps=s.local_steps, delta=s.delta, accountant=ACCOUNTANT, epsilon=eps,
-            time=datetime.now(UTC).isoformat(timespec="seconds"),
+            dataset=session.train.fingerprint(), noise_multiplier=plan.noise_multiplier,
+            sample_rate=q, steps=s.local_steps, delta=s.delta, accountant=ACCOUNTANT,
+            epsilon=plan.epsilon_after, time=datetime.now(UTC).isoformat(timespec="seconds"),
+            budget_epsilon=s.budget_epsilon, budget_delta=s.budget_delta,
         ))
+    session.load_global(arrays, s.seed)
+    dp = DPSettings(plan.noise_multiplier, s.clip_norm) if s.dp else None
     sampling, noise = _generators(s, session.client)
     with CpuTimeEnergy() as meter:
         result = train(session.model, session.train, s.local_steps, s.batch_size, s.lr, dp,
                        sampling, noise, s.optimizer)
     out = model_mod.get_adapter(session.model)
     log.info("client %s round %d: %d steps, loss %.3f, sigma %.3f, epsilon %.3f, %.1fs",
-             session.client, s.round, result.steps, result.mean_loss, sigma, eps, result.seconds)
+             session.client, s.round, result.steps, result.mean_loss, plan.noise_multiplier,
+             plan.epsilon_after, result.seconds)
     metrics = {
+        **_budget_metrics(s, plan),
         "num-examples": len(session.train),
-        "epsilon": eps if math.isfinite(eps) else -1.0,
-        "delta": s.delta,
-        "noise-multiplier": sigma,
+        "noise-multiplier": plan.noise_multiplier,
         "clip-norm": s.clip_norm if s.dp else -1.0,
         "sample-rate": q,
         "steps": result.steps,
@@ -143,9 +150,27 @@ def train_round(s: ClientSettings, arrays: dict[str, np.ndarray]) -> tuple[dict,
     return out, metrics, _info(session, meter.reading.method)
 
 
-def evaluate_round(s: ClientSettings, arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
+def _finite_or_flag(value: float) -> float:
+    return value if math.isfinite(value) else -1.0  # MetricRecord and JSON hold no inf
+
+
+def _budget_metrics(s: ClientSettings, plan: RoundPlan) -> dict[str, float]:
+    spent = plan.epsilon_before if plan.refused else plan.epsilon_after
+    return {
+        "num-examples": 0,
+        "epsilon": _finite_or_flag(spent),
+        "delta": s.delta,
+        "budget-epsilon": s.budget_epsilon or 0.0,
+        "budget-delta": s.budget_delta or 0.0,
+    }
+
+
+def evaluate_round(s: ClientSettings, arrays: dict[str, np.ndarray]) -> tuple[dict, dict, dict]:
+    """Held-out metrics of the given adapter; given none (round 0), the seeded initial
+    adapter is evaluated and returned, so that the server learns the shared start."""
     session = Session.get(s)
     session.load_global(arrays, s.seed)
+    initial = {} if arrays else model_mod.get_adapter(session.model)
     with CpuTimeEnergy() as meter:
         sums = evaluate(session.model, session.heldout)
     eps = spent_epsilon(s.resolved_state_dir(session.client) / LEDGER_FILE, s.delta)
@@ -154,12 +179,12 @@ def evaluate_round(s: ClientSettings, arrays: dict[str, np.ndarray]) -> tuple[di
         "eval-loss-sum": sums.loss_sum,
         "eval-tokens": sums.tokens,
         "eval-correct": sums.correct,
-        "epsilon": eps if math.isfinite(eps) else -1.0,
+        "epsilon": _finite_or_flag(eps),
         "delta": s.delta,
         "energy-j": meter.reading.joules,
         "peak-rss-mb": peak_rss_mb(),
     }
-    return metrics, _info(session, meter.reading.method)
+    return initial, metrics, _info(session, meter.reading.method)
 
 
 def spent_epsilon(ledger_path: Path, delta: float) -> float:
@@ -170,9 +195,10 @@ def spent_epsilon(ledger_path: Path, delta: float) -> float:
         return epsilon(ledger.history(), delta, ACCOUNTANT)
 
 
-def _info(session: Session, energy_method: str) -> dict[str, str]:
+def _info(session: Session, energy_method: str, refused: str = "") -> dict[str, str]:
     return {
         "client": session.client,
+        "status": f"refused: {refused}" if refused else "ok",
         "energy-method": energy_method,
         "quantization": session.quantization.mode,
         "quantization-reason": session.quantization.reason,

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 # Keys a SuperNode may set in its node config (they win over the server's config).
-NODE_KEYS = ("data", "partition-id", "client", "state-dir", "quantization", "device", "threads")
+NODE_KEYS = ("data", "partition-id", "client", "state-dir", "quantization", "device", "threads",
+             "budget-epsilon", "budget-delta")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class ClientSettings:
     delta: float
     noise_multiplier: float | None  # None: derived from target_epsilon
     clip_norm: float
+    budget_epsilon: float | None  # the data owner's hard limit on cumulative ε
+    budget_delta: float | None
     max_eval_seqs: int
     seed: int
     reproducible: bool
@@ -81,6 +84,8 @@ class ClientSettings:
             delta=float(get("delta")),
             noise_multiplier=None if str(noise) == "auto" else float(noise),
             clip_norm=float(get("clip-norm")),
+            budget_epsilon=_positive_or_none(get("budget-epsilon", 0.0)),
+            budget_delta=_positive_or_none(get("budget-delta", 0.0)),
             max_eval_seqs=int(get("max-eval-seqs", 32)),
             seed=int(get("seed", 0)),
             reproducible=bool(get("reproducible", False)),
@@ -94,3 +99,8 @@ class ClientSettings:
             return Path(self.state_root) / client
         base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
         return Path(base) / "fedslm" / client
+
+
+def _positive_or_none(value: Any) -> float | None:
+    value = float(value)
+    return value if value > 0 else None

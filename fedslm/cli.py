@@ -22,7 +22,23 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="any config key, e.g. --set lora-r=16 (repeatable)")
     sim.add_argument("-v", "--verbose", action="store_true", help="log each client's rounds")
+    aud = sub.add_parser("audit", help="verify privacy ledgers and recompute ε "
+                         "(exit 0 ok, 1 problems found, 2 unreadable input)")
+    aud.add_argument("path", help="a run directory or a ledger file")
+    aud.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from privacy.audit import AuditInputError, as_json, audit, render
+
+    try:
+        result = audit(args.path)
+    except AuditInputError as exc:
+        print(f"fedslm: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    print(as_json(result) if args.json else render(result))
+    return 0 if result["ok"] else RUN_FAILED
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -51,6 +67,8 @@ def _setup_logging(verbose: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "audit":  # needs no training stack
+        return _audit(args)
     _setup_logging(args.verbose)
     if args.command == "simulate":
         from simulations.loopback import apply_loopback

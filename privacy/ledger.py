@@ -53,6 +53,8 @@ class Entry:
     accountant: str
     epsilon: float  # cumulative, over every entry up to and including this one
     time: str
+    budget_epsilon: float | None = None  # the data owner's budget when this was charged
+    budget_delta: float | None = None
 
     @property
     def mechanism(self) -> Mechanism:

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from privacy.accountant import epsilon
+from privacy.ledger import Entry, Ledger
+from server.central_dp import dp_fedavg
 from server.config import validate
 from server.records import (
     append_metrics,
@@ -104,31 +109,80 @@ def _epsilon(value: float) -> float:
     return math.inf if value < 0 else value
 
 
-def _client_rows(trained: list[Reply], evaluated: list[Reply]) -> list[dict[str, Any]]:
+def _client_row(status: str, r: Reply, ev: Reply | None) -> dict[str, Any]:
+    m = r.metrics if r is not ev else {}
+    e = ev.metrics if ev else {}
+    return {
+        "client": r.client,
+        "status": status,
+        "epsilon": _epsilon(m.get("epsilon", e.get("epsilon", 0.0))),
+        "delta": m.get("delta", e.get("delta")),
+        "budget_epsilon": m.get("budget-epsilon") or None,
+        "num_examples": int(m.get("num-examples", 0)),
+        "train_seconds": m.get("train-seconds", 0.0),
+        "train_loss": m.get("train-loss"),
+        "noise_multiplier": m.get("noise-multiplier"),
+        "sample_rate": m.get("sample-rate"),
+        "steps": int(m.get("steps", 0)),
+        "energy_j": m.get("energy-j", 0.0) + e.get("energy-j", 0.0),
+        "energy_method": r.info.get("energy-method") or (ev.info["energy-method"] if ev else ""),
+        "peak_rss_mb": max(m.get("peak-rss-mb", 0.0), e.get("peak-rss-mb", 0.0)),
+        "bytes_up": r.bytes_up,
+        "eval_loss": e["eval-loss-sum"] / e["eval-tokens"] if e.get("eval-tokens") else None,
+        "quantization": r.info["quantization"],
+    }
+
+
+def _client_rows(trained: list[Reply], refused: list[Reply],
+                 evaluated: list[Reply]) -> list[dict[str, Any]]:
     by_client = {r.client: r for r in evaluated}
-    rows = []
-    for r in sorted(trained or evaluated, key=lambda r: r.client):
-        ev = by_client.get(r.client)
-        m = r.metrics if trained else {}
-        e = ev.metrics if ev else {}
-        rows.append({
-            "client": r.client,
-            "epsilon": _epsilon(m.get("epsilon", e.get("epsilon", 0.0))),
-            "delta": m.get("delta", e.get("delta")),
-            "num_examples": int(m.get("num-examples", 0)),
-            "train_seconds": m.get("train-seconds", 0.0),
-            "train_loss": m.get("train-loss"),
-            "noise_multiplier": m.get("noise-multiplier"),
-            "sample_rate": m.get("sample-rate"),
-            "steps": int(m.get("steps", 0)),
-            "energy_j": m.get("energy-j", 0.0) + e.get("energy-j", 0.0),
-            "energy_method": (r.info if trained else ev.info)["energy-method"],
-            "peak_rss_mb": max(m.get("peak-rss-mb", 0.0), e.get("peak-rss-mb", 0.0)),
-            "bytes_up": r.bytes_up if trained else 0,
-            "eval_loss": e["eval-loss-sum"] / e["eval-tokens"] if e.get("eval-tokens") else None,
-            "quantization": r.info["quantization"],
-        })
-    return rows
+    rows = [_client_row("trained", r, by_client.get(r.client)) for r in trained]
+    rows += [_client_row(r.info["status"], r, by_client.get(r.client)) for r in refused]
+    if not trained and not refused:  # round 0: evaluation only
+        rows = [_client_row("evaluated", r, r) for r in evaluated]
+    return sorted(rows, key=lambda row: row["client"])
+
+
+def _initial_adapter(evaluated: list[Reply]) -> tuple[Arrays, str]:
+    """The clients' shared seeded adapter, sent back with the round-0 evaluation."""
+    first = evaluated[0].arrays
+    for reply in evaluated[1:]:
+        if set(reply.arrays) != set(first) or any(
+                not np.array_equal(reply.arrays[k], first[k]) for k in first):
+            raise FederationError(
+                f"clients {evaluated[0].client} and {reply.client} start from different "
+                "adapters (different model, LoRA settings or seed?)")
+    return first, evaluated[0].info["adapter-config"]
+
+
+class CentralDP:
+    """The server's user-level DP mechanism and its ledger (see server/central_dp.py)."""
+
+    def __init__(self, config: dict[str, Any], run_dir: Path, num_clients: int) -> None:
+        self.clip = config["central-clip-norm"]
+        self.noise = config["central-noise-multiplier"]
+        self.delta = config["delta"]
+        self.run_id = run_dir.name
+        self.ledger = Ledger(run_dir / "server" / "ledger.sqlite")
+        self.num_clients = num_clients
+        seed = config["seed"] if config["reproducible"] else secrets.randbits(128)
+        self.rng = np.random.default_rng(seed)
+
+    def aggregate(self, rnd: int, reference: Arrays, updates: list[Reply],
+                  sampled: int) -> tuple[Arrays, float]:
+        q = sampled / self.num_clients
+        history = self.ledger.history() + [(self.noise, q, 1)]
+        eps = epsilon(history, self.delta, "rdp")
+        self.ledger.append(Entry(  # charged before the aggregate is released
+            run_id=self.run_id, round=rnd, client="server:user-level", dataset="federation",
+            noise_multiplier=self.noise, sample_rate=q, steps=1, delta=self.delta,
+            accountant="rdp", epsilon=eps, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        ))
+        arrays, norms = dp_fedavg(reference, [r.arrays for r in updates], self.clip,
+                                  self.noise, sampled, self.rng)
+        log.info("round %d: central DP, update norms %s, user-level epsilon %.3f", rnd,
+                 [round(n, 3) for n in norms], eps)
+        return arrays, eps
 
 
 def run_federation(grid: Grid, config: dict[str, Any], run_dir: Path,
@@ -137,23 +191,37 @@ def run_federation(grid: Grid, config: dict[str, Any], run_dir: Path,
     config = {**config, "run-id": run_dir.name, "run-dir": str(run_dir)}
     write_json(run_dir / "config.json", config)
     rounds, timeout = config["num-server-rounds"], config["round-timeout"]
+    state_root = Path(config["state-root"]).expanduser().resolve() if config["state-root"] \
+        else run_dir / "clients"
     client_config = ConfigRecord({**{k: v for k, v in config.items() if k != "run-dir"},
-                                  "state-root": str(run_dir / "clients")})
+                                  "state-root": str(state_root)})
     nodes = _wait_for_nodes(grid, config["num-clients"], NODE_WAIT_SECONDS)
-    global_arrays: Arrays = {}  # round 1 starts from the clients' shared seeded init
+    central = CentralDP(config, run_dir, len(nodes)) if config["central-dp"] else None
+    global_arrays: Arrays = {}  # round 0 asks for the clients' shared seeded init
     epsilon_by_client: dict[str, float] = {}
+    central_eps = 0.0
     adapter_config = ""
     for rnd in range(rounds + 1):
         start = time.perf_counter()
         record = ArrayRecord({k: Array(v) for k, v in global_arrays.items()})
         down = payload_bytes(record) * len(nodes)
-        trained, failures = [], []
+        trained, refused, failures = [], [], []
         if rnd > 0:
-            trained, failures = _send(grid, nodes, MessageType.TRAIN, record, client_config,
+            replies, failures = _send(grid, nodes, MessageType.TRAIN, record, client_config,
                                       rnd, timeout)
-            trained = _accept(trained, failures, global_arrays or None, rnd)
-            global_arrays = fedavg([(r.arrays, r.metrics["num-examples"]) for r in trained])
-            adapter_config = trained[0].info["adapter-config"]
+            refused = [r for r in replies if r.info.get("status", "ok") != "ok"]
+            for r in refused:
+                log.warning("round %d: %s did not train: %s", rnd, r.client, r.info["status"])
+            if refused and len(refused) == len(replies) and not failures:
+                echo(f"round {rnd}: every client's privacy budget is spent; stopping")
+                break
+            trained = _accept([r for r in replies if r not in refused], failures,
+                              global_arrays, rnd)
+            if central:
+                global_arrays, central_eps = central.aggregate(rnd, global_arrays, trained,
+                                                               len(nodes))
+            else:
+                global_arrays = fedavg([(r.arrays, r.metrics["num-examples"]) for r in trained])
             save_adapter(run_dir / "adapter", global_arrays, adapter_config)
             record = ArrayRecord({k: Array(v) for k, v in global_arrays.items()})
             down += payload_bytes(record) * len(nodes)
@@ -162,7 +230,9 @@ def run_federation(grid: Grid, config: dict[str, Any], run_dir: Path,
         if not evaluated:
             raise FederationError(f"round {rnd}: no client could evaluate: "
                                   f"{eval_failures[0]['reason'] if eval_failures else '?'}")
-        rows = _client_rows(trained, evaluated)
+        if rnd == 0:
+            global_arrays, adapter_config = _initial_adapter(evaluated)
+        rows = _client_rows(trained, refused, evaluated)
         for row in rows:
             epsilon_by_client[row["client"]] = row["epsilon"]
         line = {
@@ -170,18 +240,22 @@ def run_federation(grid: Grid, config: dict[str, Any], run_dir: Path,
             **_evaluation(evaluated),
             "epsilon": max(epsilon_by_client.values()) if config["dp"] else math.inf,
             "delta": config["delta"],
+            "central_epsilon": central_eps if central else None,
             "round_seconds": time.perf_counter() - start,
-            "bytes_up": sum(r.bytes_up for r in trained),
+            "bytes_up": sum(r.bytes_up for r in trained + evaluated),
             "bytes_down": down,
             "clients": rows,
+            "dropouts": [{"client": r.client, "reason": r.info["status"]} for r in refused],
             "failures": failures + eval_failures,
         }
         append_metrics(run_dir, line)
         echo(summary_line(line, rounds))
+    if central:
+        central.ledger.close()
     return run_dir
 
 
-def _accept(replies: list[Reply], failures: list[dict[str, Any]], expected: Arrays | None,
+def _accept(replies: list[Reply], failures: list[dict[str, Any]], expected: Arrays,
             rnd: int) -> list[Reply]:
     accepted = []
     for reply in replies:

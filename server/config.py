@@ -42,6 +42,12 @@ DEFAULTS: dict[str, Any] = {
     "delta": 1e-5,
     "noise-multiplier": "auto",
     "clip-norm": 1.0,
+    "central-dp": False,
+    "central-noise-multiplier": 1.0,
+    "central-clip-norm": 1.0,
+    "budget-epsilon": 0.0,
+    "budget-delta": 0.0,
+    "state-root": "",
     # reproducibility
     "seed": 0,
     "reproducible": False,
@@ -50,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
 
 POSITIVE = {"num-server-rounds", "num-clients", "client-cpus", "lora-r", "lora-alpha", "seq-len",
             "max-eval-seqs", "local-steps", "batch-size", "lr", "target-epsilon", "clip-norm",
-            "round-timeout"}
+            "round-timeout", "central-clip-norm"}
 CHOICES = {"quantization": ("auto", "nf4", "int8", "none"), "optimizer": ("adamw", "sgd")}
 
 
@@ -98,6 +104,9 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         if out[key] not in choices:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, "
                               f"got {out[key]!r}")
+    for key in ("budget-epsilon", "budget-delta", "central-noise-multiplier"):
+        if out[key] < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {out[key]!r}")
     if not 0 < out["delta"] < 1:
         raise ConfigError(f"config key 'delta' must be in (0, 1), got {out['delta']!r}")
     if out["noise-multiplier"] != "auto" and out["noise-multiplier"] < 0:

@@ -9,8 +9,8 @@ from client.app import evaluate, train
 from client.rounds import Session
 from server.config import DEFAULTS
 
-INFO_KEYS = {"client", "energy-method", "quantization", "quantization-reason", "compute-dtype",
-             "adapter-config"}
+INFO_KEYS = {"client", "status", "energy-method", "quantization", "quantization-reason",
+             "compute-dtype", "adapter-config"}
 
 
 def _message(kind: str, config: dict) -> Message:
@@ -42,6 +42,7 @@ def test_replies_carry_only_the_adapter_and_scalars(tiny_model, text_clients, tm
         assert value not in corpus and corpus[:30] not in value
 
     reply = evaluate(_message(MessageType.EVALUATE, config), context)
-    assert set(reply.content.keys()) == {"metrics", "info"}
+    assert set(reply.content.keys()) == {"metrics", "info", "arrays"}  # given none: the init
+    assert all(not v.numpy().any() for k, v in reply.content["arrays"].items() if "lora_B" in k)
     assert reply.content["metrics"]["epsilon"] > 0  # read back from the ledger
     Session._current = None

@@ -71,7 +71,7 @@ def test_two_clients_two_rounds_write_the_run_directory(tiny_model, text_clients
             assert CLIENT_KEYS <= set(c)
             assert c["energy_method"].startswith("estimated:")
         assert m["epsilon"] == max(c["epsilon"] for c in m["clients"])
-    assert metrics[0]["epsilon"] == 0 and metrics[0]["bytes_up"] == 0
+    assert metrics[0]["epsilon"] == 0 and metrics[0]["bytes_down"] == 0  # clients send the init
     assert 0 < metrics[1]["epsilon"] < metrics[2]["epsilon"] <= 8.0
     assert all(m["bytes_up"] > 0 and m["bytes_down"] > 0 for m in metrics[1:])
 
@@ -160,3 +160,45 @@ def test_flwr_run_on_a_local_superlink(tiny_model, text_clients, tmp_path):
     assert not [p for p in psutil.process_iter(["cmdline", "create_time"])
                 if p.info["create_time"] >= start
                 and "flower-superlink" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_budgets_central_dp_and_audit_in_a_run(tiny_model, text_clients, tmp_path):
+    """client-0 arrives with most of its budget spent (an earlier run): it never trains,
+    the run goes on with client-1, the server adds user-level DP, and the audit passes."""
+    from privacy.accountant import epsilon
+    from privacy.ledger import Entry
+
+    state = tmp_path / "state"
+    earlier = (0.7, 0.1, 60)
+    spent = epsilon([earlier], 1e-5)
+    with Ledger(state / "client-0" / "ledger.sqlite") as ledger:
+        ledger.append(Entry("an-earlier-run", 1, "client-0", "fp", *earlier, 1e-5, "rdp", spent,
+                            "t", budget_epsilon=spent + 0.5))
+    out = _fedslm(["simulate", "--clients", "2", "--rounds", "2", "--local-steps", "3",
+                   "--out", str(tmp_path / "runs"), "--set", f"model={tiny_model}",
+                   "--set", f"data={text_clients}", "--set", "seq-len=32",
+                   "--set", "batch-size=4", "--set", f"state-root={state}",
+                   "--set", f"budget-epsilon={spent + 0.5}", "--set", "central-dp=true",
+                   "--set", "central-noise-multiplier=2.0"], tmp_path / "cache")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = Path(out.stdout.strip().splitlines()[-1])
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics[1:]:
+        rows = {c["client"]: c for c in m["clients"]}
+        assert rows["client-1"]["status"] == "trained"
+        assert rows["client-0"]["status"].startswith("refused: ")
+        assert [d["client"] for d in m["dropouts"]] == ["client-0"]
+    assert 0 < metrics[1]["central_epsilon"] < metrics[2]["central_epsilon"]
+    with Ledger(state / "client-0" / "ledger.sqlite", create=False) as ledger:
+        assert len(ledger.entries()) == 1  # nothing charged, nothing trained
+    with Ledger(run_dir / "server" / "ledger.sqlite", create=False) as ledger:
+        assert [e.round for e in ledger.entries()] == [1, 2]
+        assert ledger.entries()[-1].epsilon == pytest.approx(metrics[2]["central_epsilon"])
+
+    audit = subprocess.run([sys.executable, "-m", "fedslm.cli", "audit", str(run_dir),
+                            "--json"], capture_output=True, text=True, timeout=120)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    result = json.loads(audit.stdout)
+    assert [c["client"] for c in result["clients"]] == ["client-0", "client-1",
+                                                        "server:user-level"]
+    assert all(c["within_budget"] and c["chain_intact"] for c in result["clients"])
