@@ -166,8 +166,7 @@ def _slug(text: str) -> str:
 
 # ---- tokenising ---------------------------------------------------------------
 
-def encode(part: Partition, tokenizer, seq_len: int, max_heldout: int) -> tuple[Examples, Examples]:
-    """Tokenise a partition into (train, held-out) examples of `seq_len` tokens."""
+def _rows(part: Partition, tokenizer, seq_len: int) -> list[list[int]]:
     if part.records:
         rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:seq_len] for t in part.texts]
     else:
@@ -175,8 +174,16 @@ def encode(part: Partition, tokenizer, seq_len: int, max_heldout: int) -> tuple[
         for text in part.texts:
             ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
-        rows = [r for r in rows if len(r) >= 2]
-    rows = [r for r in rows if len(r) >= 2]  # a next-token loss needs two tokens
+    return [r for r in rows if len(r) >= 2]  # a next-token loss needs two tokens
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def encode(part: Partition, tokenizer, seq_len: int, max_heldout: int) -> tuple[Examples, Examples]:
+    """Tokenise a partition into (train, held-out) examples of `seq_len` tokens."""
+    rows = _rows(part, tokenizer, seq_len)
     heldout = [r for i, r in enumerate(rows) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
     train = [r for i, r in enumerate(rows) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
     if not train or not heldout:
@@ -184,8 +191,29 @@ def encode(part: Partition, tokenizer, seq_len: int, max_heldout: int) -> tuple[
             f"client {part.client!r} has {len(rows)} examples of up to {seq_len} tokens; "
             f"at least {HELDOUT_EVERY} are needed for a held-out split"
         )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = _pad_id(tokenizer)
     return _pack(train, seq_len, pad), _pack(heldout[:max_heldout], seq_len, pad)
+
+
+def encode_all(part: Partition, tokenizer, seq_len: int) -> Examples:
+    """Every example of a partition, no held-out split (canaries, scoring)."""
+    return _pack(_rows(part, tokenizer, seq_len), seq_len, _pad_id(tokenizer))
+
+
+def concat(a: Examples, b: Examples) -> Examples:
+    return Examples(torch.cat([a.input_ids, b.input_ids]),
+                    torch.cat([a.attention_mask, b.attention_mask]),
+                    torch.cat([a.labels, b.labels]))
+
+
+def planted_canaries(path: str, partition: int, tokenizer, seq_len: int) -> Examples | None:
+    """The included canaries of an empirical audit, if this partition receives them."""
+    planted = json.loads(Path(path).read_text())
+    if planted["partition"] != partition:
+        return None
+    texts = tuple(c["prefix"] + c["secret"] for c in planted["canaries"] if c["included"])
+    return encode_all(Partition("canaries", texts, records=True), tokenizer, seq_len) \
+        if texts else None
 
 
 def _pack(rows: list[list[int]], seq_len: int, pad: int) -> Examples:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from client.data import Examples
@@ -44,3 +45,14 @@ def evaluate(model, data: Examples, batch_size: int = 8) -> EvalSums:
         tokens += int(valid.sum())
         correct += int(((logits.argmax(-1) == labels) & valid).sum())
     return EvalSums(loss_sum, tokens, correct)
+
+
+@torch.inference_mode()
+def per_example_loss(model, data: Examples, batch_size: int = 32) -> np.ndarray:
+    """Mean next-token cross-entropy of each example (shape [N])."""
+    from client.trainer import per_sequence_loss
+
+    model.eval()
+    out = [per_sequence_loss(model, data.select(torch.arange(i, min(i + batch_size, len(data)))))
+           for i in range(0, len(data), batch_size)]
+    return torch.cat(out).float().numpy()

@@ -50,7 +50,8 @@ class Session:
     @classmethod
     def get(cls, s: ClientSettings) -> Session:
         key = (s.model, s.quantization, s.device, s.lora_r, s.lora_alpha, s.lora_dropout,
-               s.lora_targets, s.seed, s.data, s.partition, s.seq_len, s.max_eval_seqs)
+               s.lora_targets, s.seed, s.data, s.partition, s.seq_len, s.max_eval_seqs,
+               s.canary_file)
         if cls._current is not None and cls._current.key == key:
             return cls._current
         cls._current = None  # free the old model before loading the next
@@ -67,6 +68,10 @@ class Session:
         )
         part = data_mod.partition(s.data, s.partition)
         train_set, heldout = data_mod.encode(part, tokenizer, s.seq_len, s.max_eval_seqs)
+        if s.canary_file:  # an empirical privacy audit (simulations/canaries.py)
+            canaries = data_mod.planted_canaries(s.canary_file, s.partition, tokenizer, s.seq_len)
+            if canaries is not None:
+                train_set = data_mod.concat(train_set, canaries)
         name = s.client or part.client
         base_name = s.model if s.model != model_mod.EMBEDDED else source
         cls._current = cls(key, model, tokenizer, quant, source, name, train_set, heldout,

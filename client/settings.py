@@ -46,6 +46,7 @@ class ClientSettings:
     seed: int
     reproducible: bool
     cache_dir: str
+    canary_file: str  # set by an empirical audit run: canaries to plant in partition 0
 
     @classmethod
     def from_records(cls, config: dict[str, Any], node: dict[str, Any]) -> ClientSettings:
@@ -90,6 +91,7 @@ class ClientSettings:
             seed=int(get("seed", 0)),
             reproducible=bool(get("reproducible", False)),
             cache_dir=str(get("cache-dir", "")),
+            canary_file=str(get("canary-file", "")),
         )
 
     def resolved_state_dir(self, client: str) -> Path:

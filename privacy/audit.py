@@ -167,7 +167,22 @@ def audit(path: str | Path) -> dict[str, Any]:
     else:
         raise AuditInputError(f"no such run directory or ledger: {path}")
     clients = [{**asdict(r), "ok": r.ok} for r in reports]
-    return {"ok": all(r.ok for r in reports), "clients": clients}
+    result: dict[str, Any] = {"ok": all(r.ok for r in reports), "clients": clients}
+    empirical = path / "audit" / "empirical.json" if path.is_dir() else None
+    if empirical and empirical.is_file():
+        result["empirical"] = _check_empirical(json.loads(empirical.read_text()))
+        result["ok"] = result["ok"] and not result["empirical"]["problems"]
+    return result
+
+
+def _check_empirical(found: dict[str, Any]) -> dict[str, Any]:
+    """A lower bound above the accountant's ε means the DP guarantee is broken."""
+    bound, eps = found["epsilon_lower_bound"], found.get("epsilon_accountant")
+    problems = []
+    if found.get("dp") and eps is not None and bound > eps * (1 + 1e-9):
+        problems.append(f"the empirical ε lower bound {bound:.3f} exceeds the accountant's "
+                        f"ε={eps:.3f}: the DP implementation or its accounting is wrong")
+    return {**found, "problems": problems}
 
 
 def as_json(result: dict[str, Any]) -> str:
@@ -210,5 +225,17 @@ def render(result: dict[str, Any]) -> str:
              for r in rows]
     for c in result["clients"]:
         lines += [f"{c['client']} ({c['ledger']}): {p}" for p in c["problems"]]
+    if "empirical" in result:
+        e = result["empirical"]
+        eps = "∞ (no DP)" if e.get("epsilon_accountant") is None else \
+            f"{e['epsilon_accountant']:.3f}"
+        lines += [
+            f"empirical audit ({e['canaries']} canaries, {e['included']} planted): "
+            f"membership AUC {e['auc']:.3f}, TPR at 1% FPR {e['tpr_at_1pct_fpr']:.3f}, "
+            f"exposure {e['exposure_mean']:.2f} of {e['exposure_max_possible']:.2f} bits",
+            f"  ε lower bound {e['epsilon_lower_bound']:.3f} ({e['confidence']:.0%} confidence, "
+            f"{e['correct_guesses']}/{e['guesses']} guesses right) vs accountant ε {eps}",
+            *[f"  {p}" for p in e["problems"]],
+        ]
     lines.append("audit: ok" if result["ok"] else "audit: PROBLEMS FOUND")
     return "\n".join(lines)

@@ -42,6 +42,8 @@ DEFAULTS: dict[str, Any] = {
     "delta": 1e-5,
     "noise-multiplier": "auto",
     "clip-norm": 1.0,
+    "audit-canaries": 0,
+    "canary-file": "",
     "central-dp": False,
     "central-noise-multiplier": 1.0,
     "central-clip-norm": 1.0,
@@ -104,7 +106,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         if out[key] not in choices:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, "
                               f"got {out[key]!r}")
-    for key in ("budget-epsilon", "budget-delta", "central-noise-multiplier"):
+    for key in ("budget-epsilon", "budget-delta", "central-noise-multiplier", "audit-canaries"):
         if out[key] < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {out[key]!r}")
     if not 0 < out["delta"] < 1:

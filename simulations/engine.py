@@ -12,6 +12,7 @@ from client.data import DataError, partitions
 from client.model import ModelError, check_lora_targets, prepare_base
 from server.config import validate
 from server.records import new_run_dir
+from simulations import canaries
 from simulations.loopback import apply_loopback
 
 log = logging.getLogger("fedslm")
@@ -38,6 +39,8 @@ def simulate(overrides: dict[str, Any], echo: Callable[[str], None] = print) -> 
     if config["threads"] == 0:
         config["threads"] = config["client-cpus"]
     run_dir = new_run_dir(config["out"])
+    if config["audit-canaries"]:
+        config["canary-file"] = str(canaries.plant(config["audit-canaries"], run_dir))
     echo(f"fedslm: {config['num-clients']} clients, {config['num-server-rounds']} rounds, "
          f"run directory {run_dir}")
 
@@ -55,6 +58,12 @@ def simulate(overrides: dict[str, Any], echo: Callable[[str], None] = print) -> 
     }
     run_simulation(server_app=make_server_app(config, run_dir), client_app=client_app,
                    num_supernodes=config["num-clients"], backend_config=backend)
+    if config["audit-canaries"]:
+        result = canaries.score(run_dir, config)
+        echo(f"empirical audit: AUC {result['auc']:.3f}, TPR@1%FPR "
+             f"{result['tpr_at_1pct_fpr']:.3f}, exposure {result['exposure_mean']:.2f} bits, "
+             f"ε lower bound {result['epsilon_lower_bound']:.2f} (95%) vs accountant ε "
+             f"{result['epsilon_accountant'] if result['epsilon_accountant'] is not None else '∞'}")
     echo(str(run_dir))
     return run_dir
 

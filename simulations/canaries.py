@@ -1,0 +1,104 @@
+"""The empirical audit of a simulation: plant canaries, train once, score them.
+
+`audit-canaries = m` makes the run plant m secret-sharer canaries ("the secret
+number of <name> is <9 random digits>"), each included in client 0's training data
+with probability 1/2 (both chosen with OS randomness and kept in
+<run>/audit/canaries.json). After the run, every canary is scored by how much the
+final global adapter lowered the model's loss on it, and privacy.attacks turns the
+scores into AUC, TPR at 1% FPR, exposure and the one-run ε lower bound, written to
+<run>/audit/empirical.json, which `fedslm audit` shows beside the accountant's ε.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client import data as data_mod
+from client import model as model_mod
+from client.evaluation import per_example_loss
+from privacy.attacks import auc, exposure, one_run_lower_bound, tpr_at_fpr
+
+NAMES = ("Avery", "Blake", "Casey", "Devon", "Emery", "Finley", "Harper", "Jordan", "Kendall",
+         "Logan", "Morgan", "Parker", "Quinn", "Reese", "Rowan", "Sawyer", "Skyler", "Taylor")
+DIGITS = 9
+ALTERNATIVES = 31  # random secrets each canary is ranked against, for exposure
+CANARY_PARTITION = 0
+
+
+def _secret() -> str:
+    return "".join(str(secrets.randbelow(10)) for _ in range(DIGITS))
+
+
+def plant(m: int, run_dir: Path) -> Path:
+    canaries = []
+    for i in range(m):
+        prefix = f"The secret number of {NAMES[i % len(NAMES)]} {i} is "
+        canaries.append({"prefix": prefix, "secret": _secret(),
+                         "included": bool(secrets.randbelow(2))})
+    path = run_dir / "audit" / "canaries.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"partition": CANARY_PARTITION, "canaries": canaries}, indent=1))
+    return path
+
+
+def score(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    planted = json.loads((run_dir / "audit" / "canaries.json").read_text())["canaries"]
+    source = model_mod.prepare_base(config["model"], Path(config["cache-dir"] or
+                                                           model_mod.default_cache_dir()))
+    device = torch.device("cpu")
+    quant = model_mod.Quantization("none", str(model_mod.compute_dtype(device))[6:], "audit")
+    base, tokenizer = model_mod.load_base(source, quant, device)
+    texts = [c["prefix"] + c["secret"] for c in planted]
+    before = per_example_loss(base, _encode(texts, tokenizer, config["seq-len"]))
+
+    from peft import PeftModel
+
+    tuned = PeftModel.from_pretrained(base, run_dir / "adapter")
+    after = per_example_loss(tuned, _encode(texts, tokenizer, config["seq-len"]))
+    scores = [float(b - a) for b, a in zip(before, after, strict=True)]
+    members = [c["included"] for c in planted]
+    ranks = []
+    for c, loss in zip(planted, after, strict=True):
+        if c["included"]:
+            others = [c["prefix"] + _secret() for _ in range(ALTERNATIVES)]
+            other_losses = per_example_loss(tuned, _encode(others, tokenizer, config["seq-len"]))
+            ranks.append(1 + int((other_losses < loss).sum()))
+    bound, guesses, correct = one_run_lower_bound(scores, members)
+    result = {
+        "canaries": len(planted),
+        "included": sum(members),
+        "client_partition": CANARY_PARTITION,
+        "auc": auc(scores, members),
+        "tpr_at_1pct_fpr": tpr_at_fpr(scores, members, 0.01),
+        "exposure_mean": sum(exposure(r, ALTERNATIVES + 1) for r in ranks) / max(len(ranks), 1),
+        "exposure_max_possible": math.log2(ALTERNATIVES + 1),
+        "guesses": guesses,
+        "correct_guesses": correct,
+        "epsilon_lower_bound": bound,
+        "confidence": 0.95,
+        "epsilon_accountant": _accountant_epsilon(run_dir, config),
+        "dp": config["dp"],
+    }
+    (run_dir / "audit" / "empirical.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _encode(texts: list[str], tokenizer, seq_len: int) -> data_mod.Examples:
+    part = data_mod.Partition("canaries", tuple(texts), records=True)
+    return data_mod.encode_all(part, tokenizer, seq_len)
+
+
+def _accountant_epsilon(run_dir: Path, config: dict[str, Any]) -> float | None:
+    name = data_mod.partition(config["data"], CANARY_PARTITION).client
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for line in reversed(lines):
+        for row in line["clients"]:
+            if row["client"] == name and row.get("status") == "trained":
+                return row["epsilon"]  # None: trained without DP, ε = ∞
+    return None
