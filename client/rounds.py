@@ -7,6 +7,7 @@ must outlive the process (the privacy ledger) lives in the client's state folder
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import secrets
@@ -55,24 +56,11 @@ class Session:
         if cls._current is not None and cls._current.key == key:
             return cls._current
         cls._current = None  # free the old model before loading the next
+        gc.collect()
         if s.threads > 0:
             torch.set_num_threads(s.threads)
-        cache = Path(s.cache_dir) if s.cache_dir else None
-        source = model_mod.prepare_base(s.model, cache)
-        device = model_mod.pick_device(s.device)
-        params = model_mod.count_params(source)
-        quant = model_mod.choose_quantization(s.quantization, device, params)
-        base, tokenizer = model_mod.load_base(source, quant, device)
-        model = model_mod.attach_lora(
-            base, s.lora_r, s.lora_alpha, s.lora_dropout, list(s.lora_targets), s.seed
-        )
-        part = data_mod.partition(s.data, s.partition)
-        train_set, heldout = data_mod.encode(part, tokenizer, s.seq_len, s.max_eval_seqs)
-        if s.canary_file:  # an empirical privacy audit (simulations/canaries.py)
-            canaries = data_mod.planted_canaries(s.canary_file, s.partition, tokenizer, s.seq_len)
-            if canaries is not None:
-                train_set = data_mod.concat(train_set, canaries)
-        name = s.client or part.client
+        model, tokenizer, quant, source = _load_model(s)
+        name, train_set, heldout = _load_data(s, tokenizer)
         base_name = s.model if s.model != model_mod.EMBEDDED else source
         cls._current = cls(key, model, tokenizer, quant, source, name, train_set, heldout,
                            model_mod.adapter_config_json(model, base_name))
@@ -86,6 +74,28 @@ class Session:
             model_mod.set_adapter(self.model, arrays)
         else:
             model_mod.reset_adapter(self.model, seed)
+
+
+def _load_model(s: ClientSettings):
+    """The base model with a LoRA adapter, its tokenizer, the quantization used, its source."""
+    source = model_mod.prepare_base(s.model, Path(s.cache_dir) if s.cache_dir else None)
+    device = model_mod.pick_device(s.device)
+    quant = model_mod.choose_quantization(s.quantization, device, model_mod.count_params(source))
+    base, tokenizer = model_mod.load_base(source, quant, device)
+    model = model_mod.attach_lora(base, s.lora_r, s.lora_alpha, s.lora_dropout,
+                                  list(s.lora_targets), s.seed)
+    return model, tokenizer, quant, source
+
+
+def _load_data(s: ClientSettings, tokenizer) -> tuple[str, data_mod.Examples, data_mod.Examples]:
+    """This client's name and its (train, held-out) examples."""
+    part = data_mod.partition(s.data, s.partition)
+    train_set, heldout = data_mod.encode(part, tokenizer, s.seq_len, s.max_eval_seqs)
+    if s.canary_file:  # an empirical privacy audit (simulations/canaries.py)
+        canaries = data_mod.planted_canaries(s.canary_file, s.partition, tokenizer, s.seq_len)
+        if canaries is not None:
+            train_set = data_mod.concat(train_set, canaries)
+    return s.client or part.client, train_set, heldout
 
 
 def _generators(s: ClientSettings, client: str) -> tuple[torch.Generator, torch.Generator]:
@@ -105,6 +115,40 @@ def train_round(s: ClientSettings, arrays: dict[str, np.ndarray]) -> tuple[dict,
     """
     session = Session.get(s)
     q = sample_rate(len(session.train), s.batch_size)
+    plan = _charge(s, session, q)
+    if plan.refused:
+        log.warning("client %s round %d: not training: %s", session.client, s.round,
+                    plan.refused)
+        return {}, _budget_metrics(s, plan), _info(session, "", plan.refused)
+    session.load_global(arrays, s.seed)
+    dp = DPSettings(plan.noise_multiplier, s.clip_norm) if s.dp else None
+    sampling, noise = _generators(s, session.client)
+    with CpuTimeEnergy() as meter:
+        result = train(session.model, session.train, s.local_steps, s.batch_size, s.lr, dp,
+                       sampling, noise, s.optimizer)
+    # The training loss and the Poisson batch sizes are functions of the private data
+    # that DP does not cover: they stay in the client's log and never reach the server.
+    log.info("client %s round %d: %d steps (%d empty), loss %.3f, sigma %.3f, epsilon %.3f, "
+             "%.1fs", session.client, s.round, result.steps, result.empty_steps,
+             result.mean_loss, plan.noise_multiplier, plan.epsilon_after, result.seconds)
+    metrics = {
+        **_budget_metrics(s, plan),
+        "num-examples": len(session.train),
+        "noise-multiplier": plan.noise_multiplier,
+        "clip-norm": s.clip_norm if s.dp else -1.0,
+        "sample-rate": q,
+        "steps": result.steps,
+        "train-seconds": result.seconds,
+        "cpu-seconds": meter.reading.cpu_seconds,
+        "energy-j": meter.reading.joules,
+        "peak-rss-mb": peak_rss_mb(),
+    }
+    return model_mod.get_adapter(session.model), metrics, _info(session, meter.reading.method)
+
+
+def _charge(s: ClientSettings, session: Session, q: float) -> RoundPlan:
+    """Plan the round against the ledger and the budget; if it may run, record its spend
+    now, before training: a crash after this still counts as spent."""
     with Ledger(s.resolved_state_dir(session.client) / LEDGER_FILE) as ledger:
         entries = ledger.entries()
         plan = plan_round(
@@ -115,44 +159,16 @@ def train_round(s: ClientSettings, arrays: dict[str, np.ndarray]) -> tuple[dict,
             budget=Budget(s.budget_epsilon, s.budget_delta),
             noise_multiplier=s.noise_multiplier, private=s.dp,
         )
-        if plan.refused:
-            log.warning("client %s round %d: not training: %s", session.client, s.round,
-                        plan.refused)
-            return {}, _budget_metrics(s, plan), _info(session, "", plan.refused)
-        # Charged before training: a crash after this line still counts as spent.
-        ledger.append(Entry(
-            run_id=s.run_id, round=s.round, client=session.client,
-            dataset=session.train.fingerprint(), noise_multiplier=plan.noise_multiplier,
-            sample_rate=q, steps=s.local_steps, delta=s.delta, accountant=ACCOUNTANT,
-            epsilon=plan.epsilon_after, time=datetime.now(UTC).isoformat(timespec="seconds"),
-            budget_epsilon=s.budget_epsilon, budget_delta=s.budget_delta,
-        ))
-    session.load_global(arrays, s.seed)
-    dp = DPSettings(plan.noise_multiplier, s.clip_norm) if s.dp else None
-    sampling, noise = _generators(s, session.client)
-    with CpuTimeEnergy() as meter:
-        result = train(session.model, session.train, s.local_steps, s.batch_size, s.lr, dp,
-                       sampling, noise, s.optimizer)
-    out = model_mod.get_adapter(session.model)
-    log.info("client %s round %d: %d steps, loss %.3f, sigma %.3f, epsilon %.3f, %.1fs",
-             session.client, s.round, result.steps, result.mean_loss, plan.noise_multiplier,
-             plan.epsilon_after, result.seconds)
-    metrics = {
-        **_budget_metrics(s, plan),
-        "num-examples": len(session.train),
-        "noise-multiplier": plan.noise_multiplier,
-        "clip-norm": s.clip_norm if s.dp else -1.0,
-        "sample-rate": q,
-        "steps": result.steps,
-        "examples-seen": result.examples_seen,
-        "empty-steps": result.empty_steps,
-        "train-loss": result.mean_loss,
-        "train-seconds": result.seconds,
-        "cpu-seconds": meter.reading.cpu_seconds,
-        "energy-j": meter.reading.joules,
-        "peak-rss-mb": peak_rss_mb(),
-    }
-    return out, metrics, _info(session, meter.reading.method)
+        if not plan.refused:
+            ledger.append(Entry(
+                run_id=s.run_id, round=s.round, client=session.client,
+                dataset=session.train.fingerprint(), noise_multiplier=plan.noise_multiplier,
+                sample_rate=q, steps=s.local_steps, delta=s.delta, accountant=ACCOUNTANT,
+                epsilon=plan.epsilon_after,
+                time=datetime.now(UTC).isoformat(timespec="seconds"),
+                budget_epsilon=s.budget_epsilon, budget_delta=s.budget_delta,
+            ))
+    return plan
 
 
 def _finite_or_flag(value: float) -> float:

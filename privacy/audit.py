@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from privacy.accountant import epsilon
+from privacy.jsonsafe import finite
 from privacy.ledger import Entry, Ledger, LedgerError
 
 ACCOUNTANTS = ("rdp", "dp-accounting-rdp")  # Opacus and Google: two code bases
@@ -186,16 +187,6 @@ def _check_empirical(found: dict[str, Any]) -> dict[str, Any]:
 
 
 def as_json(result: dict[str, Any]) -> str:
-    """JSON has no Infinity: an unbounded ε (training without DP) is written as null."""
-    def finite(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: finite(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [finite(v) for v in value]
-        return value
-
     return json.dumps(finite(result), indent=2, allow_nan=False)
 
 

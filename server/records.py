@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from privacy.jsonsafe import finite
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -24,24 +26,13 @@ def new_run_dir(out: str | Path) -> Path:
     return path
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no Infinity or NaN: write null instead."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def write_json(path: Path, data: Any) -> None:
-    _atomic_write(path, (json.dumps(_finite(data), indent=2) + "\n").encode())
+    _atomic_write(path, (json.dumps(finite(data), indent=2) + "\n").encode())
 
 
 def append_metrics(run_dir: Path, line: dict[str, Any]) -> None:
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(_finite(line), allow_nan=False) + "\n")
+        f.write(json.dumps(finite(line), allow_nan=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -72,13 +63,17 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def summary_line(line: dict[str, Any], num_rounds: int) -> str:
     eps = line.get("epsilon")
-    eps_text = f"ε {eps or 0:.2f} (δ={line['delta']:g})"
-    if eps is None and line["round"]:
+    if eps is None or math.isinf(eps):
         eps_text = "no DP (ε = ∞)"
+    else:
+        eps_text = f"ε {eps:.2f} (δ={line['delta']:g})"
+    if line.get("central_epsilon"):
+        eps_text += f"  user-level ε {line['central_epsilon']:.2f}"
+    extra = "".join(f"  {key}: {len(line[key])}" for key in ("dropouts", "failures")
+                    if line.get(key))
     return (
         f"round {line['round']}/{num_rounds}  loss {line['eval_loss']:.3f}  "
         f"ppl {line['perplexity']:.1f}  acc {line['token_accuracy']:.3f}  {eps_text}  "
         f"{line['round_seconds']:.1f}s  up {line['bytes_up'] / 1e6:.2f} MB  "
-        f"down {line['bytes_down'] / 1e6:.2f} MB"
-        + (f"  failed: {len(line['failures'])}" if line.get("failures") else "")
+        f"down {line['bytes_down'] / 1e6:.2f} MB{extra}"
     )

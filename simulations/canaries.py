@@ -27,7 +27,8 @@ from privacy.attacks import auc, exposure, one_run_lower_bound, tpr_at_fpr
 NAMES = ("Avery", "Blake", "Casey", "Devon", "Emery", "Finley", "Harper", "Jordan", "Kendall",
          "Logan", "Morgan", "Parker", "Quinn", "Reese", "Rowan", "Sawyer", "Skyler", "Taylor")
 DIGITS = 9
-ALTERNATIVES = 31  # random secrets each canary is ranked against, for exposure
+ALTERNATIVES = 15  # random secrets each canary is ranked against, for exposure
+EXPOSURE_SAMPLE = 40  # planted canaries whose exposure is measured (it costs 16 passes each)
 CANARY_PARTITION = 0
 
 
@@ -55,20 +56,20 @@ def score(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     quant = model_mod.Quantization("none", str(model_mod.compute_dtype(device))[6:], "audit")
     base, tokenizer = model_mod.load_base(source, quant, device)
     texts = [c["prefix"] + c["secret"] for c in planted]
-    before = per_example_loss(base, _encode(texts, tokenizer, config["seq-len"]))
+    before = per_example_loss(base, _encode(texts, tokenizer))
 
     from peft import PeftModel
 
     tuned = PeftModel.from_pretrained(base, run_dir / "adapter")
-    after = per_example_loss(tuned, _encode(texts, tokenizer, config["seq-len"]))
+    after = per_example_loss(tuned, _encode(texts, tokenizer))
     scores = [float(b - a) for b, a in zip(before, after, strict=True)]
     members = [c["included"] for c in planted]
     ranks = []
-    for c, loss in zip(planted, after, strict=True):
-        if c["included"]:
-            others = [c["prefix"] + _secret() for _ in range(ALTERNATIVES)]
-            other_losses = per_example_loss(tuned, _encode(others, tokenizer, config["seq-len"]))
-            ranks.append(1 + int((other_losses < loss).sum()))
+    sample = [(c, loss) for c, loss in zip(planted, after, strict=True) if c["included"]]
+    for c, loss in sample[:EXPOSURE_SAMPLE]:
+        others = [c["prefix"] + _secret() for _ in range(ALTERNATIVES)]
+        other_losses = per_example_loss(tuned, _encode(others, tokenizer))
+        ranks.append(1 + int((other_losses < loss).sum()))
     bound, guesses, correct = one_run_lower_bound(scores, members)
     result = {
         "canaries": len(planted),
@@ -89,9 +90,11 @@ def score(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _encode(texts: list[str], tokenizer, seq_len: int) -> data_mod.Examples:
+def _encode(texts: list[str], tokenizer) -> data_mod.Examples:
+    """Canaries padded to the longest one only: scoring costs what the canaries need."""
+    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
     part = data_mod.Partition("canaries", tuple(texts), records=True)
-    return data_mod.encode_all(part, tokenizer, seq_len)
+    return data_mod.encode_all(part, tokenizer, longest)
 
 
 def _accountant_epsilon(run_dir: Path, config: dict[str, Any]) -> float | None:
