@@ -21,8 +21,9 @@ import torch
 
 from client import data as data_mod
 from client import model as model_mod
-from client.energy import CpuTimeEnergy, peak_rss_mb
+from client.energy import EnergyMeter, peak_rss_mb
 from client.evaluation import evaluate
+from client.profiles import DeviceProfile, profile
 from client.settings import ClientSettings
 from client.trainer import DPSettings, sample_rate, train
 from privacy.accountant import epsilon
@@ -45,6 +46,8 @@ class Session:
     train: data_mod.Examples
     heldout: data_mod.Examples
     adapter_config: str
+    profile: DeviceProfile
+    on_gpu: bool
 
     _current = None  # one per process: a client process serves one partition at a time
 
@@ -52,21 +55,26 @@ class Session:
     def get(cls, s: ClientSettings) -> Session:
         key = (s.model, s.quantization, s.device, s.lora_r, s.lora_alpha, s.lora_dropout,
                s.lora_targets, s.seed, s.data, s.partition, s.seq_len, s.max_eval_seqs,
-               s.canary_file)
+               s.canary_file, s.device_profile, s.threads)
         if cls._current is not None and cls._current.key == key:
             return cls._current
         cls._current = None  # free the old model before loading the next
         gc.collect()
-        if s.threads > 0:
-            torch.set_num_threads(s.threads)
+        device_profile = profile(s.device_profile)
+        if s.threads or device_profile.threads:
+            torch.set_num_threads(s.threads or device_profile.threads)
         model, tokenizer, quant, source = _load_model(s)
         name, train_set, heldout = _load_data(s, tokenizer)
         base_name = s.model if s.model != model_mod.EMBEDDED else source
         cls._current = cls(key, model, tokenizer, quant, source, name, train_set, heldout,
-                           model_mod.adapter_config_json(model, base_name))
+                           model_mod.adapter_config_json(model, base_name), device_profile,
+                           next(model.parameters()).device.type == "cuda")
         log.info("client %s: %d train / %d held-out sequences, quantization %s (%s)",
                  name, len(train_set), len(heldout), quant.mode, quant.reason)
         return cls._current
+
+    def energy_meter(self) -> EnergyMeter:
+        return EnergyMeter(self.profile.watts_per_core, gpu=self.on_gpu)
 
     def load_global(self, arrays: dict[str, np.ndarray], seed: int) -> None:
         """The server's adapter, or (first round) the shared seeded initial one."""
@@ -123,7 +131,7 @@ def train_round(s: ClientSettings, arrays: dict[str, np.ndarray]) -> tuple[dict,
     session.load_global(arrays, s.seed)
     dp = DPSettings(plan.noise_multiplier, s.clip_norm) if s.dp else None
     sampling, noise = _generators(s, session.client)
-    with CpuTimeEnergy() as meter:
+    with session.energy_meter() as meter:
         result = train(session.model, session.train, s.local_steps, s.batch_size, s.lr, dp,
                        sampling, noise, s.optimizer)
     # The training loss and the Poisson batch sizes are functions of the private data
@@ -192,7 +200,7 @@ def evaluate_round(s: ClientSettings, arrays: dict[str, np.ndarray]) -> tuple[di
     session = Session.get(s)
     session.load_global(arrays, s.seed)
     initial = {} if arrays else model_mod.get_adapter(session.model)
-    with CpuTimeEnergy() as meter:
+    with session.energy_meter() as meter:
         sums = evaluate(session.model, session.heldout)
     eps = spent_epsilon(s.resolved_state_dir(session.client) / LEDGER_FILE, s.delta)
     metrics = {

@@ -9,7 +9,7 @@ from typing import Any
 
 # Keys a SuperNode may set in its node config (they win over the server's config).
 NODE_KEYS = ("data", "partition-id", "client", "state-dir", "quantization", "device", "threads",
-             "budget-epsilon", "budget-delta")
+             "budget-epsilon", "budget-delta", "device-profile")
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class ClientSettings:
     quantization: str
     device: str
     threads: int
+    device_profile: str
     data: str
     partition: int
     client: str  # "" until the data partition names it
@@ -66,6 +67,7 @@ class ClientSettings:
             quantization=str(get("quantization")),
             device=str(get("device", "auto")),
             threads=int(get("threads", 0)),
+            device_profile=str(get("device-profile", "generic-cpu")),
             data=str(get("data")),
             partition=int(get("partition-id", 0)),
             client=str(get("client", "")),

@@ -77,13 +77,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from client.data import DataError
     from client.model import ModelError
+    from client.profiles import ProfileError
     from privacy.ledger import LedgerError
     from server.app import FederationError
     from server.config import ConfigError
 
     try:
         return _simulate(args)
-    except (ConfigError, DataError, ModelError, LedgerError) as exc:
+    except (ConfigError, DataError, ModelError, LedgerError, ProfileError) as exc:
         print(f"fedslm: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except FederationError as exc:

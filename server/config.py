@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "quantization": "auto",
     "device": "auto",
     "threads": 0,
+    "device-profile": "generic-cpu",
     "lora-r": 8,
     "lora-alpha": 16.0,
     "lora-dropout": 0.0,

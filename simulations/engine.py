@@ -10,6 +10,7 @@ from typing import Any
 
 from client.data import DataError, partitions
 from client.model import ModelError, check_lora_targets, prepare_base
+from client.profiles import profile
 from server.config import validate
 from server.records import new_run_dir
 from simulations import canaries
@@ -20,6 +21,7 @@ log = logging.getLogger("fedslm")
 
 def preflight(config: dict[str, Any]) -> None:
     """Fail fast, before Ray starts, on data and model problems a user can fix."""
+    profile(config["device-profile"])
     parts = partitions(config["data"])
     if config["num-clients"] > len(parts):
         raise DataError(

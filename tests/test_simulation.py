@@ -69,7 +69,8 @@ def test_two_clients_two_rounds_write_the_run_directory(tiny_model, text_clients
         assert len(m["clients"]) == 2
         for c in m["clients"]:
             assert CLIENT_KEYS <= set(c)
-            assert c["energy_method"].startswith("estimated:")
+            assert c["energy_method"].startswith(("measured:", "estimated:"))
+            assert c["energy_j"] > 0
         assert m["epsilon"] == max(c["epsilon"] for c in m["clients"])
     assert metrics[0]["epsilon"] == 0 and metrics[0]["bytes_down"] == 0  # clients send the init
     assert 0 < metrics[1]["epsilon"] < metrics[2]["epsilon"] <= 8.0
