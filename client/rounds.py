@@ -131,9 +131,16 @@ def train_round(s: ClientSettings, arrays: dict[str, np.ndarray]) -> tuple[dict,
     session.load_global(arrays, s.seed)
     dp = DPSettings(plan.noise_multiplier, s.clip_norm) if s.dp else None
     sampling, noise = _generators(s, session.client)
+    every = max(1, s.local_steps // 4)
+
+    def progress(step: int, loss: float) -> None:
+        if step % every == 0 or step == s.local_steps:
+            log.info("client %s round %d: step %d/%d, loss %.3f, epsilon after round %.3f",
+                     session.client, s.round, step, s.local_steps, loss, plan.epsilon_after)
+
     with session.energy_meter() as meter:
         result = train(session.model, session.train, s.local_steps, s.batch_size, s.lr, dp,
-                       sampling, noise, s.optimizer)
+                       sampling, noise, s.optimizer, progress)
     # The training loss and the Poisson batch sizes are functions of the private data
     # that DP does not cover: they stay in the client's log and never reach the server.
     log.info("client %s round %d: %d steps (%d empty), loss %.3f, sigma %.3f, epsilon %.3f, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,8 +62,12 @@ def train(
     sampling: torch.Generator,
     noise: torch.Generator | None = None,
     optimizer_name: str = "adamw",
+    progress: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Run `steps` optimiser steps on the trainable (LoRA) parameters of `model`."""
+    """Run `steps` optimiser steps on the trainable (LoRA) parameters of `model`.
+
+    `progress(step, loss)` is called after each step with data (the loss stays local).
+    """
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
@@ -85,7 +90,7 @@ def train(
     losses, seen, empty = [], 0, 0
     model.train()
     try:
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             index = (torch.rand(len(data), generator=sampling) < q).nonzero().squeeze(1)
             optimizer.zero_grad(set_to_none=True)
             if len(index) == 0:
@@ -102,6 +107,8 @@ def train(
                     loss.backward()
                 losses.append(float(per_seq.detach().mean()))
                 seen += len(index)
+                if progress:
+                    progress(step, losses[-1])
             optimizer.step()
     finally:
         model.eval()

@@ -26,7 +26,28 @@ def _parser() -> argparse.ArgumentParser:
                          "(exit 0 ok, 1 problems found, 2 unreadable input)")
     aud.add_argument("path", help="a run directory or a ledger file")
     aud.add_argument("--json", action="store_true", help="print the result as JSON")
+    rep = sub.add_parser("report", help="write RUN_DIR/report/index.html with PNG plots "
+                         "(several runs: also their trade-off)")
+    rep.add_argument("runs", nargs="+", help="run directories; the first receives the report")
+    cmp = sub.add_parser("compare", help="a table of runs side by side")
+    cmp.add_argument("runs", nargs="+", help="run directories")
     return parser
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from simulations.report import ReportError, compare_table, load_run, write_report
+
+    try:
+        if args.command == "compare":
+            print(compare_table([load_run(Path(d)) for d in args.runs]))
+        else:
+            print(write_report([Path(d) for d in args.runs]))
+    except ReportError as exc:
+        print(f"fedslm: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -69,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "audit":  # needs no training stack
         return _audit(args)
+    if args.command in ("report", "compare"):
+        return _report(args)
     _setup_logging(args.verbose)
     if args.command == "simulate":
         from simulations.loopback import apply_loopback

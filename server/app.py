@@ -199,6 +199,7 @@ def run_federation(grid: Grid, config: dict[str, Any], run_dir: Path,
     global_arrays: Arrays = {}  # round 0 asks for the clients' shared seeded init
     epsilon_by_client: dict[str, float] = {}
     central_eps = 0.0
+    energy_total, first_loss = 0.0, math.nan
     adapter_config = ""
     for rnd in range(rounds + 1):
         start = time.perf_counter()
@@ -247,11 +248,31 @@ def run_federation(grid: Grid, config: dict[str, Any], run_dir: Path,
             "dropouts": [{"client": r.client, "reason": r.info["status"]} for r in refused],
             "failures": failures + eval_failures,
         }
+        first_loss = line["eval_loss"] if rnd == 0 else first_loss
+        energy_total = _add_costs(line, config["batch-size"], len(nodes), energy_total,
+                                  first_loss)
         append_metrics(run_dir, line)
         echo(summary_line(line, rounds))
     if central:
         central.ledger.close()
     return run_dir
+
+
+def _add_costs(line: dict[str, Any], batch_size: int, nodes: int, energy_before: float,
+               first_loss: float) -> float:
+    """Per-client throughput and downlink, the round's energy, and the efficiency figure
+    `loss_drop_per_kj`: (round-0 held-out loss - this round's) / kJ all clients spent
+    since round 0 (round 0 included). Returns the energy spent so far."""
+    for row in line["clients"]:
+        row["bytes_down"] = line["bytes_down"] // max(nodes, 1)
+        seconds = row["train_seconds"]
+        expected = row["steps"] * batch_size  # expected samples, not the private draws
+        row["samples_per_second"] = expected / seconds if seconds else None
+    line["energy_j"] = sum(row["energy_j"] for row in line["clients"])
+    spent = energy_before + line["energy_j"]
+    line["loss_drop_per_kj"] = (first_loss - line["eval_loss"]) / (spent / 1e3) \
+        if line["round"] and spent else None
+    return spent
 
 
 def _accept(replies: list[Reply], failures: list[dict[str, Any]], expected: Arrays,

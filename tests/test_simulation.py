@@ -19,9 +19,11 @@ import pytest
 from privacy.ledger import Ledger
 
 RUN_KEYS = {"round", "eval_loss", "perplexity", "token_accuracy", "epsilon", "delta",
-            "round_seconds", "bytes_up", "bytes_down", "clients"}
-CLIENT_KEYS = {"client", "epsilon", "num_examples", "train_seconds", "energy_j",
-               "energy_method", "peak_rss_mb", "bytes_up"}
+            "round_seconds", "bytes_up", "bytes_down", "clients", "energy_j",
+            "loss_drop_per_kj", "central_epsilon", "dropouts", "failures"}
+CLIENT_KEYS = {"client", "status", "epsilon", "num_examples", "train_seconds", "energy_j",
+               "energy_method", "peak_rss_mb", "bytes_up", "bytes_down", "samples_per_second",
+               "eval_loss", "quantization"}
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +77,8 @@ def test_two_clients_two_rounds_write_the_run_directory(tiny_model, text_clients
     assert metrics[0]["epsilon"] == 0 and metrics[0]["bytes_down"] == 0  # clients send the init
     assert 0 < metrics[1]["epsilon"] < metrics[2]["epsilon"] <= 8.0
     assert all(m["bytes_up"] > 0 and m["bytes_down"] > 0 for m in metrics[1:])
+    assert all(c["samples_per_second"] > 0 for m in metrics[1:] for c in m["clients"])
+    assert metrics[0]["loss_drop_per_kj"] is None and metrics[2]["loss_drop_per_kj"] is not None
 
     base, _ = model_mod.load_base(str(tiny_model), model_mod.Quantization("none", "float32", ""),
                                   model_mod.pick_device("cpu"))
