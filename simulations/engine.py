@@ -62,10 +62,11 @@ def simulate(overrides: dict[str, Any], echo: Callable[[str], None] = print) -> 
                    num_supernodes=config["num-clients"], backend_config=backend)
     if config["audit-canaries"]:
         result = canaries.score(run_dir, config)
+        eps = result["epsilon_accountant"]
         echo(f"empirical audit: AUC {result['auc']:.3f}, TPR@1%FPR "
              f"{result['tpr_at_1pct_fpr']:.3f}, exposure {result['exposure_mean']:.2f} bits, "
              f"ε lower bound {result['epsilon_lower_bound']:.2f} (95%) vs accountant ε "
-             f"{result['epsilon_accountant'] if result['epsilon_accountant'] is not None else '∞'}")
+             + ("∞ (no DP)" if eps is None else f"{eps:.2f}"))
     echo(str(run_dir))
     return run_dir
 
