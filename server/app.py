@@ -184,77 +184,104 @@ class CentralDP:
         return arrays, eps
 
 
-def run_federation(grid: Grid, config: dict[str, Any], run_dir: Path,
-                   echo: Callable[[str], None] = print) -> Path:
-    """Round 0 evaluation, then `num-server-rounds` of train + evaluate; writes run_dir."""
-    config = {**config, "run-id": run_dir.name, "run-dir": str(run_dir)}
-    write_json(run_dir / "config.json", config)
-    rounds, timeout = config["num-server-rounds"], config["round-timeout"]
-    state_root = Path(config["state-root"]).expanduser().resolve() if config["state-root"] \
-        else run_dir / "clients"
-    client_config = ConfigRecord({**{k: v for k, v in config.items() if k != "run-dir"},
-                                  "state-root": str(state_root)})
-    nodes = _wait_for_nodes(grid, config["num-clients"], NODE_WAIT_SECONDS)
-    central = CentralDP(config, run_dir, len(nodes)) if config["central-dp"] else None
-    global_arrays: Arrays = {}  # round 0 asks for the clients' shared seeded init
-    epsilon_by_client: dict[str, float] = {}
-    central_eps = 0.0
-    energy_total, first_loss = 0.0, math.nan
-    adapter_config = ""
-    for rnd in range(rounds + 1):
-        start = time.perf_counter()
-        record = ArrayRecord({k: Array(v) for k, v in global_arrays.items()})
-        down = payload_bytes(record) * len(nodes)
-        trained, refused, failures = [], [], []
-        if rnd > 0:
-            replies, failures = _send(grid, nodes, MessageType.TRAIN, record, client_config,
-                                      rnd, timeout)
-            refused = [r for r in replies if r.info.get("status", "ok") != "ok"]
-            for r in refused:
-                log.warning("round %d: %s did not train: %s", rnd, r.client, r.info["status"])
-            if refused and len(refused) == len(replies) and not failures:
-                echo(f"round {rnd}: every client's privacy budget is spent; stopping")
-                break
-            trained = _accept([r for r in replies if r not in refused], failures,
-                              global_arrays, rnd)
-            if central:
-                global_arrays, central_eps = central.aggregate(rnd, global_arrays, trained,
-                                                               len(nodes))
-            else:
-                global_arrays = fedavg([(r.arrays, r.metrics["num-examples"]) for r in trained])
-            save_adapter(run_dir / "adapter", global_arrays, adapter_config)
-            record = ArrayRecord({k: Array(v) for k, v in global_arrays.items()})
-            down += payload_bytes(record) * len(nodes)
-        evaluated, eval_failures = _send(grid, nodes, MessageType.EVALUATE, record,
-                                         client_config, rnd, timeout)
+class Federation:
+    """One run's server-side state; `run()` does round 0 and then every training round."""
+
+    def __init__(self, grid: Grid, config: dict[str, Any], run_dir: Path,
+                 echo: Callable[[str], None]) -> None:
+        self.grid, self.run_dir, self.echo = grid, run_dir, echo
+        self.config = {**config, "run-id": run_dir.name, "run-dir": str(run_dir)}
+        write_json(run_dir / "config.json", self.config)
+        root = config["state-root"]
+        state_root = Path(root).expanduser().resolve() if root else run_dir / "clients"
+        self.client_config = ConfigRecord({
+            **{k: v for k, v in self.config.items() if k != "run-dir"},
+            "state-root": str(state_root)})
+        self.nodes = _wait_for_nodes(grid, config["num-clients"], NODE_WAIT_SECONDS)
+        self.central = CentralDP(config, run_dir, len(self.nodes)) if config["central-dp"] \
+            else None
+        self.arrays: Arrays = {}  # round 0 asks for the clients' shared seeded init
+        self.adapter_config = ""
+        self.epsilon_by_client: dict[str, float] = {}
+        self.central_epsilon: float | None = 0.0 if self.central else None
+        self.energy_total, self.first_loss = 0.0, math.nan
+
+    def _send(self, kind: str, rnd: int) -> tuple[list[Reply], list[dict[str, Any]], int]:
+        record = ArrayRecord({k: Array(v) for k, v in self.arrays.items()})
+        replies, failures = _send(self.grid, self.nodes, kind, record, self.client_config, rnd,
+                                  self.config["round-timeout"])
+        return replies, failures, payload_bytes(record) * len(self.nodes)
+
+    def train(self, rnd: int) -> tuple[list[Reply], list[Reply], list[dict[str, Any]], int]:
+        """(trained, refused, failures, bytes down); the global adapter is updated."""
+        replies, failures, down = self._send(MessageType.TRAIN, rnd)
+        refused = [r for r in replies if r.info.get("status", "ok") != "ok"]
+        for r in refused:
+            log.warning("round %d: %s did not train: %s", rnd, r.client, r.info["status"])
+        if refused and len(refused) == len(replies) and not failures:
+            return [], refused, failures, down
+        trained = _accept([r for r in replies if r not in refused], failures, self.arrays, rnd)
+        if self.central:
+            self.arrays, self.central_epsilon = self.central.aggregate(
+                rnd, self.arrays, trained, len(self.nodes))
+        else:
+            self.arrays = fedavg([(r.arrays, r.metrics["num-examples"]) for r in trained])
+        save_adapter(self.run_dir / "adapter", self.arrays, self.adapter_config)
+        return trained, refused, failures, down
+
+    def evaluate(self, rnd: int) -> tuple[list[Reply], list[dict[str, Any]], int]:
+        evaluated, failures, down = self._send(MessageType.EVALUATE, rnd)
         if not evaluated:
-            raise FederationError(f"round {rnd}: no client could evaluate: "
-                                  f"{eval_failures[0]['reason'] if eval_failures else '?'}")
+            reason = failures[0]["reason"] if failures else "?"
+            raise FederationError(f"round {rnd}: no client could evaluate: {reason}")
         if rnd == 0:
-            global_arrays, adapter_config = _initial_adapter(evaluated)
+            self.arrays, self.adapter_config = _initial_adapter(evaluated)
+        return evaluated, failures, down
+
+    def record(self, rnd: int, seconds: float, trained: list[Reply], refused: list[Reply],
+               evaluated: list[Reply], failures: list[dict[str, Any]], down: int) -> None:
         rows = _client_rows(trained, refused, evaluated)
-        for row in rows:
-            epsilon_by_client[row["client"]] = row["epsilon"]
+        self.epsilon_by_client.update({row["client"]: row["epsilon"] for row in rows})
         line = {
             "round": rnd,
             **_evaluation(evaluated),
-            "epsilon": max(epsilon_by_client.values()),
-            "delta": config["delta"],
-            "central_epsilon": central_eps if central else None,
-            "round_seconds": time.perf_counter() - start,
+            "epsilon": max(self.epsilon_by_client.values()),
+            "delta": self.config["delta"],
+            "central_epsilon": self.central_epsilon,
+            "round_seconds": seconds,
             "bytes_up": sum(r.bytes_up for r in trained + evaluated),
             "bytes_down": down,
             "clients": rows,
             "dropouts": [{"client": r.client, "reason": r.info["status"]} for r in refused],
-            "failures": failures + eval_failures,
+            "failures": failures,
         }
-        first_loss = line["eval_loss"] if rnd == 0 else first_loss
-        energy_total = _add_costs(line, config["batch-size"], len(nodes), energy_total,
-                                  first_loss)
-        append_metrics(run_dir, line)
-        echo(summary_line(line, rounds))
-    if central:
-        central.ledger.close()
+        if rnd == 0:
+            self.first_loss = line["eval_loss"]
+        self.energy_total = _add_costs(line, self.config["batch-size"], len(self.nodes),
+                                       self.energy_total, self.first_loss)
+        append_metrics(self.run_dir, line)
+        self.echo(summary_line(line, self.config["num-server-rounds"]))
+
+    def run(self) -> None:
+        for rnd in range(self.config["num-server-rounds"] + 1):
+            start = time.perf_counter()
+            trained, refused, failures, down = [], [], [], 0
+            if rnd > 0:
+                trained, refused, failures, down = self.train(rnd)
+                if not trained:
+                    self.echo(f"round {rnd}: every client's privacy budget is spent; stopping")
+                    break
+            evaluated, eval_failures, eval_down = self.evaluate(rnd)
+            self.record(rnd, time.perf_counter() - start, trained, refused, evaluated,
+                        failures + eval_failures, down + eval_down)
+        if self.central:
+            self.central.ledger.close()
+
+
+def run_federation(grid: Grid, config: dict[str, Any], run_dir: Path,
+                   echo: Callable[[str], None] = print) -> Path:
+    """Round 0 evaluation, then `num-server-rounds` of train + evaluate; writes run_dir."""
+    Federation(grid, config, run_dir, echo).run()
     return run_dir
 
 

@@ -111,6 +111,9 @@ def _plots(runs: list[dict[str, Any]], folder: Path) -> list[tuple[str, str]]:
     budgets = {c.get("budget_epsilon") for r in main for c in r["clients"]} - {None, 0}
     for budget in budgets:
         ax.axhline(budget, color="red", linestyle=":", label=f"budget ε={budget:g}")
+    target = runs[0]["config"].get("target-epsilon")
+    if runs[0]["config"].get("dp") and target and target not in budgets:
+        ax.axhline(target, color="grey", linestyle="--", label=f"target ε={target:g}")
     central = [r.get("central_epsilon") for r in main]
     if any(central):
         ax.plot(rounds, [c if c is not None else math.nan for c in central], "k^--",
