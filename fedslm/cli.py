@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", help="folder that receives the run directory (default: runs)")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="any config key, e.g. --set lora-r=16 (repeatable)")
+    sim.add_argument("--resume", metavar="RUN_DIR",
+                     help="go on with a stopped run after its last completed round "
+                          "(with the run's own config)")
     sim.add_argument("-v", "--verbose", action="store_true", help="log each client's rounds")
     aud = sub.add_parser("audit", help="verify privacy ledgers and recompute ε "
                          "(exit 0 ok, 1 problems found, 2 unreadable input)")
@@ -31,7 +34,62 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", help="run directories; the first receives the report")
     cmp = sub.add_parser("compare", help="a table of runs side by side")
     cmp.add_argument("runs", nargs="+", help="run directories")
+    _deploy_parsers(sub)
     return parser
+
+
+def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
+    crt = sub.add_parser("certs", help="create a CA, the SuperLink's TLS certificate and "
+                         "SuperNode key pairs")
+    crt.add_argument("folder", help="new folder for the certificates and keys")
+    crt.add_argument("--address", action="append", default=[],
+                     help="host name or IP address the SuperNodes use to reach the SuperLink "
+                          "(repeatable; default: 127.0.0.1 and localhost)")
+    crt.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to make")
+    link = sub.add_parser("superlink", help="start Flower's SuperLink with TLS and SuperNode "
+                          "authentication")
+    link.add_argument("--certs", help="folder made by `fedslm certs`")
+    link.add_argument("--address", default="127.0.0.1", help="address to listen on")
+    link.add_argument("--port", type=int, default=9092)
+    link.add_argument("--state", default="superlink", help="folder for the SuperLink's "
+                      "database and the `flwr` connection (default: ./superlink)")
+    link.add_argument("--insecure", action="store_true", help="no TLS, no node authentication")
+    node = sub.add_parser("supernode", help="start Flower's SuperNode on a device")
+    node.add_argument("--ca", help="the federation's CA certificate (ca.crt)")
+    node.add_argument("--key", help="this node's private key (nodes/<name>.key)")
+    node.add_argument("--superlink", default="127.0.0.1:9092", help="HOST:PORT")
+    node.add_argument("--port", type=int, default=9094,
+                      help="local port of the node's app runtime (one per node on a machine)")
+    node.add_argument("--state", required=True, help="the node's state folder: privacy ledger, "
+                      "model cache, Flower's app store")
+    node.add_argument("--node-config", default="",
+                      help="e.g. \"partition-id=0 device-profile='raspberry-pi-5'\"")
+    node.add_argument("--insecure", action="store_true", help="no TLS")
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from deploy.certs import CertsError, make_certs, node_names
+    from deploy.launch import DeployError, start_superlink, start_supernode
+
+    opt = (lambda value: Path(value) if value else None)  # noqa: E731
+    try:
+        if args.command == "certs":
+            addresses = args.address or ["127.0.0.1", "localhost"]
+            folder = make_certs(Path(args.folder), addresses, node_names(args.nodes))
+            print(f"{folder}: ca.crt, superlink.crt/.key for {', '.join(addresses)}, "
+                  f"{args.nodes} node key pairs in nodes/ (keep ca.key offline)")
+        elif args.command == "superlink":
+            start_superlink(opt(args.certs), args.address, args.port, Path(args.state),
+                            args.insecure)
+        else:
+            start_supernode(opt(args.ca), opt(args.key), args.superlink, args.port,
+                            Path(args.state), args.node_config, args.insecure)
+    except (CertsError, DeployError) as exc:
+        print(f"fedslm: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -63,7 +121,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from server.config import load_file, parse_overrides
+    from server.config import ConfigError, load_file, parse_overrides
     from simulations.engine import simulate
 
     config = load_file(args.config) if args.config else {}
@@ -71,6 +129,10 @@ def _simulate(args: argparse.Namespace) -> int:
              "local-steps": args.local_steps, "out": args.out}
     config.update({k: v for k, v in flags.items() if v is not None})
     config.update(parse_overrides(args.set))
+    if args.resume:
+        if config:
+            raise ConfigError("--resume uses the run's own config: give no other settings")
+        config = {"resume": args.resume}
     simulate(config)
     return 0
 
@@ -92,8 +154,16 @@ def main(argv: list[str] | None = None) -> int:
         return _audit(args)
     if args.command in ("report", "compare"):
         return _report(args)
+    if args.command in ("certs", "superlink", "supernode"):
+        return _deploy(args)
     _setup_logging(args.verbose)
     if args.command == "simulate":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            print("fedslm: error: simulation needs Ray: pip install 'fedslm[simulation]'",
+                  file=sys.stderr)
+            return USAGE_ERROR
         from simulations.loopback import apply_loopback
 
         apply_loopback()  # before anything imports Ray
@@ -104,10 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     from privacy.ledger import LedgerError
     from server.app import FederationError
     from server.config import ConfigError
+    from server.records import CheckpointError
 
     try:
         return _simulate(args)
-    except (ConfigError, DataError, ModelError, LedgerError, ProfileError) as exc:
+    except (ConfigError, DataError, ModelError, LedgerError, ProfileError,
+            CheckpointError) as exc:
         print(f"fedslm: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except FederationError as exc:

@@ -18,25 +18,26 @@ from flwr.serverapp import Grid, ServerApp
 from privacy.accountant import epsilon
 from privacy.ledger import Entry, Ledger
 from server.central_dp import dp_fedavg
-from server.config import validate
+from server.config import resume_config, validate
 from server.records import (
     append_metrics,
+    load_checkpoint,
     new_run_dir,
     save_adapter,
+    save_checkpoint,
     summary_line,
     write_json,
 )
 from server.strategies import Arrays, fedavg, problems_with
 
 log = logging.getLogger("fedslm")
-NODE_WAIT_SECONDS = 600.0
 
 
 class FederationError(RuntimeError):
     """The federation cannot go on (no client replied, too few clients)."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: replies hold numpy arrays
 class Reply:
     node: int
     client: str
@@ -85,11 +86,12 @@ def _send(grid: Grid, nodes: list[int], kind: str, record: ArrayRecord, config: 
 
 
 def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
+    """The connected nodes (at most `count`), once at least `count` are there."""
     deadline = time.monotonic() + timeout
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= count:
-            return nodes[:count]
+            return nodes
         if time.monotonic() > deadline:
             raise FederationError(f"only {len(nodes)} of {count} clients connected in {timeout:g}s")
         time.sleep(1.0)
@@ -164,8 +166,7 @@ class CentralDP:
         self.run_id = run_dir.name
         self.ledger = Ledger(run_dir / "server" / "ledger.sqlite")
         self.num_clients = num_clients
-        seed = config["seed"] if config["reproducible"] else secrets.randbits(128)
-        self.rng = np.random.default_rng(seed)
+        self.seed = config["seed"] if config["reproducible"] else None
 
     def aggregate(self, rnd: int, reference: Arrays, updates: list[Reply],
                   sampled: int) -> tuple[Arrays, float]:
@@ -177,40 +178,83 @@ class CentralDP:
             noise_multiplier=self.noise, sample_rate=q, steps=1, delta=self.delta,
             accountant="rdp", epsilon=eps, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         ))
+        rng = np.random.default_rng(  # per round, so that a resumed run draws the same
+            [self.seed, rnd] if self.seed is not None else secrets.randbits(128))
         arrays, norms = dp_fedavg(reference, [r.arrays for r in updates], self.clip,
-                                  self.noise, sampled, self.rng)
+                                  self.noise, sampled, rng)
         log.info("round %d: central DP, update norms %s, user-level epsilon %.3f", rnd,
                  [round(n, 3) for n in norms], eps)
         return arrays, eps
 
 
 class Federation:
-    """One run's server-side state; `run()` does round 0 and then every training round."""
+    """One run's server-side state; `run()` does round 0 and then every training round.
+
+    After each round it checkpoints the global adapter and its own state, so that a
+    run started with `resume` = its run directory goes on after the last completed round.
+    """
 
     def __init__(self, grid: Grid, config: dict[str, Any], run_dir: Path,
                  echo: Callable[[str], None]) -> None:
         self.grid, self.run_dir, self.echo = grid, run_dir, echo
         self.config = {**config, "run-id": run_dir.name, "run-dir": str(run_dir)}
-        write_json(run_dir / "config.json", self.config)
+        if not config["resume"]:
+            write_json(run_dir / "config.json", {**self.config, "resume": ""})
         root = config["state-root"]
         state_root = Path(root).expanduser().resolve() if root else run_dir / "clients"
         self.client_config = ConfigRecord({
-            **{k: v for k, v in self.config.items() if k != "run-dir"},
+            **{k: v for k, v in self.config.items() if k not in ("run-dir", "resume")},
             "state-root": str(state_root)})
-        self.nodes = _wait_for_nodes(grid, config["num-clients"], NODE_WAIT_SECONDS)
-        self.central = CentralDP(config, run_dir, len(self.nodes)) if config["central-dp"] \
-            else None
+        self.nodes = _wait_for_nodes(grid, config["num-clients"], config["node-wait"])
+        self.central = CentralDP(config, run_dir, config["num-clients"]) \
+            if config["central-dp"] else None
         self.arrays: Arrays = {}  # round 0 asks for the clients' shared seeded init
         self.adapter_config = ""
         self.epsilon_by_client: dict[str, float] = {}
         self.central_epsilon: float | None = 0.0 if self.central else None
         self.energy_total, self.first_loss = 0.0, math.nan
+        self.next_round = 0
+        if config["resume"]:
+            self._restore()
+
+    def _restore(self) -> None:
+        state, self.arrays = load_checkpoint(self.run_dir)
+        self.adapter_config = state["adapter_config"]
+        self.epsilon_by_client = {k: math.inf if v is None else v
+                                  for k, v in state["epsilon_by_client"].items()}
+        self.central_epsilon = state["central_epsilon"]
+        self.energy_total = state["energy_total"]
+        self.first_loss = math.nan if state["first_loss"] is None else state["first_loss"]
+        self.next_round = state["round"] + 1
+        self.echo(f"resuming run {self.run_dir.name} after round {state['round']}")
+
+    def _checkpoint(self, rnd: int) -> None:
+        save_checkpoint(self.run_dir, {
+            "round": rnd, "adapter_config": self.adapter_config,
+            "epsilon_by_client": self.epsilon_by_client, "central_epsilon": self.central_epsilon,
+            "energy_total": self.energy_total, "first_loss": self.first_loss,
+        }, self.arrays)
+
+    def _connected(self, rnd: int) -> list[int]:
+        """This round's clients: the connected nodes, at most `num-clients` of them."""
+        want, least = self.config["num-clients"], self.config["min-replies"]
+        nodes = sorted(self.grid.get_node_ids())
+        if len(nodes) < least:
+            log.warning("round %d: %d clients connected, waiting for min-replies=%d", rnd,
+                        len(nodes), least)
+            nodes = _wait_for_nodes(self.grid, least, self.config["node-wait"])
+        nodes = nodes[:want]
+        if nodes != self.nodes:
+            log.warning("round %d: %d of %d clients connected", rnd, len(nodes), want)
+        self.nodes = nodes
+        return nodes
 
     def _send(self, kind: str, rnd: int) -> tuple[list[Reply], list[dict[str, Any]], int]:
+        nodes = self._connected(rnd)
         record = ArrayRecord({k: Array(v) for k, v in self.arrays.items()})
-        replies, failures = _send(self.grid, self.nodes, kind, record, self.client_config, rnd,
+        replies, failures = _send(self.grid, nodes, kind, record, self.client_config, rnd,
                                   self.config["round-timeout"])
-        return replies, failures, payload_bytes(record) * len(self.nodes)
+        return replies, failures, payload_bytes(record) * len(nodes)
 
     def train(self, rnd: int) -> tuple[list[Reply], list[Reply], list[dict[str, Any]], int]:
         """(trained, refused, failures, bytes down); the global adapter is updated."""
@@ -220,7 +264,10 @@ class Federation:
             log.warning("round %d: %s did not train: %s", rnd, r.client, r.info["status"])
         if refused and len(refused) == len(replies) and not failures:
             return [], refused, failures, down
-        trained = _accept([r for r in replies if r not in refused], failures, self.arrays, rnd)
+        updates = [r for r in replies if r not in refused]
+        trained = _accept(updates, failures, self.arrays, rnd, self.config["max-update-norm"],
+                          self.config["min-replies"])
+        refused += [r for r in updates if r not in trained]  # rejected: trained, not used
         if self.central:
             self.arrays, self.central_epsilon = self.central.aggregate(
                 rnd, self.arrays, trained, len(self.nodes))
@@ -249,10 +296,11 @@ class Federation:
             "delta": self.config["delta"],
             "central_epsilon": self.central_epsilon,
             "round_seconds": seconds,
-            "bytes_up": sum(r.bytes_up for r in trained + evaluated),
+            "bytes_up": sum(r.bytes_up for r in trained + refused + evaluated),
             "bytes_down": down,
             "clients": rows,
-            "dropouts": [{"client": r.client, "reason": r.info["status"]} for r in refused],
+            "dropouts": [{"client": r.client, "reason": r.info["status"]} for r in refused
+                         if r.info["status"].startswith("refused")],
             "failures": failures,
         }
         if rnd == 0:
@@ -260,10 +308,11 @@ class Federation:
         self.energy_total = _add_costs(line, self.config["batch-size"], len(self.nodes),
                                        self.energy_total, self.first_loss)
         append_metrics(self.run_dir, line)
+        self._checkpoint(rnd)
         self.echo(summary_line(line, self.config["num-server-rounds"]))
 
     def run(self) -> None:
-        for rnd in range(self.config["num-server-rounds"] + 1):
+        for rnd in range(self.next_round, self.config["num-server-rounds"] + 1):
             start = time.perf_counter()
             trained, refused, failures, down = [], [], [], 0
             if rnd > 0:
@@ -303,28 +352,35 @@ def _add_costs(line: dict[str, Any], batch_size: int, nodes: int, energy_before:
 
 
 def _accept(replies: list[Reply], failures: list[dict[str, Any]], expected: Arrays,
-            rnd: int) -> list[Reply]:
+            rnd: int, max_norm: float = 0.0, min_replies: int = 1) -> list[Reply]:
+    """The updates that may be aggregated; each rejected one is logged and listed in
+    `failures` with its node and reason. Fewer than `min_replies` ends the run."""
     accepted = []
     for reply in replies:
-        problem = problems_with(reply.arrays, expected)
+        problem = problems_with(reply.arrays, expected, max_norm)
         if problem:
-            log.warning("round %d: rejected update from %s: %s", rnd, reply.client, problem)
+            log.warning("round %d: rejected update from node %s (%s): %s", rnd, reply.node,
+                        reply.client, problem)
             failures.append({"node": reply.node, "client": reply.client, "reason": problem})
+            reply.info["status"] = f"rejected: {problem}"
         else:
             accepted.append(reply)
-    if not accepted:
-        reason = failures[0]["reason"] if failures else "no client was sampled"
-        raise FederationError(f"round {rnd}: no usable update: {reason}")
+    if len(accepted) < min_replies:
+        reasons = "; ".join(f"node {f['node']}: {f['reason']}" for f in failures) \
+            or "no client was sampled"
+        raise FederationError(f"round {rnd}: {len(accepted)} usable updates, fewer than "
+                              f"min-replies={min_replies} ({reasons})")
     return accepted
 
 
-def make_server_app(config: dict[str, Any], run_dir: Path) -> ServerApp:
+def make_server_app(config: dict[str, Any], run_dir: Path,
+                    echo: Callable[[str], None] = print) -> ServerApp:
     """A ServerApp bound to a resolved config (used by `fedslm simulate`)."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config, run_dir)
+        run_federation(grid, config, run_dir, echo)
 
     return server_app
 
@@ -334,12 +390,15 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for `flwr run .`: the config comes from the run config."""
+    """Entry point for `flwr run .`: the config comes from the run config; with
+    `resume` = a run directory, that run's own config and checkpoint."""
     flwr_log = logging.getLogger("flwr")  # Flower streams its own logger to `flwr run`
     config = validate(dict(context.run_config))
-    run_dir = new_run_dir(config["out"])
+    if config["resume"]:
+        run_dir = Path(config["resume"])
+        config = resume_config(run_dir)
+    else:
+        run_dir = new_run_dir(config["out"])
     flwr_log.info("fedslm run directory: %s", run_dir)
     run_federation(grid, config, run_dir, echo=flwr_log.info)
     flwr_log.info("fedslm run directory: %s", run_dir)
-
-

@@ -15,11 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from server.strategies import Arrays
-
-
-def update_norm(update: Arrays, reference: Arrays) -> float:
-    return float(np.sqrt(sum(float(((update[k] - reference[k]) ** 2).sum()) for k in reference)))
+from server.strategies import Arrays, update_norm
 
 
 def dp_fedavg(reference: Arrays, updates: Sequence[Arrays], clip_norm: float,

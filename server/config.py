@@ -7,6 +7,7 @@ pyproject's [tool.flwr.app.config] < --run-config.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,10 @@ DEFAULTS: dict[str, Any] = {
     "num-clients": 3,
     "out": "runs",
     "round-timeout": 3600.0,
+    "node-wait": 600.0,
+    "min-replies": 1,
+    "max-update-norm": 0.0,
+    "resume": "",
     "client-cpus": 1,
     # model
     "model": "embedded",
@@ -59,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
 
 POSITIVE = {"num-server-rounds", "num-clients", "client-cpus", "lora-r", "lora-alpha", "seq-len",
             "max-eval-seqs", "local-steps", "batch-size", "lr", "target-epsilon", "clip-norm",
-            "round-timeout", "central-clip-norm"}
+            "round-timeout", "central-clip-norm", "node-wait", "min-replies"}
 CHOICES = {"quantization": ("auto", "nf4", "int8", "none"), "optimizer": ("adamw", "sgd")}
 
 
@@ -107,9 +112,13 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         if out[key] not in choices:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, "
                               f"got {out[key]!r}")
-    for key in ("budget-epsilon", "budget-delta", "central-noise-multiplier", "audit-canaries"):
+    for key in ("budget-epsilon", "budget-delta", "central-noise-multiplier", "audit-canaries",
+                "max-update-norm"):
         if out[key] < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {out[key]!r}")
+    if out["min-replies"] > out["num-clients"]:
+        raise ConfigError(f"config key 'min-replies' ({out['min-replies']}) must not exceed "
+                          f"'num-clients' ({out['num-clients']})")
     if not 0 < out["delta"] < 1:
         raise ConfigError(f"config key 'delta' must be in (0, 1), got {out['delta']!r}")
     if out["noise-multiplier"] != "auto" and out["noise-multiplier"] < 0:
@@ -141,3 +150,16 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
         out[key.strip()] = value.strip()
     return out
+
+
+def resume_config(run_dir: str | Path) -> dict[str, Any]:
+    """The validated config of an earlier run, set to resume it."""
+    path = Path(run_dir).expanduser().resolve() / "config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"cannot resume: {path} not found (not a run directory?)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot resume: {path} is unreadable ({exc})") from None
+    saved = {k: v for k, v in saved.items() if k in DEFAULTS}
+    return validate({**saved, "resume": str(path.parent)})

@@ -77,3 +77,53 @@ def summary_line(line: dict[str, Any], num_rounds: int) -> str:
         f"{line['round_seconds']:.1f}s  up {line['bytes_up'] / 1e6:.2f} MB  "
         f"down {line['bytes_down'] / 1e6:.2f} MB{extra}"
     )
+
+
+CHECKPOINT = "checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A run directory that cannot be resumed."""
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """The server's state after a completed round: adapter first, then the state that
+    names it, each written atomically, so that a crash leaves the previous checkpoint."""
+    from safetensors.numpy import save
+
+    folder = run_dir / CHECKPOINT
+    folder.mkdir(exist_ok=True)
+    name = f"round-{state['round']}.safetensors"
+    tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    _atomic_write(folder / name, save(tensors))
+    write_json(folder / "state.json", {**state, "adapter": name})
+    for old in folder.glob("round-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+def checkpoint_round(run_dir: Path) -> int:
+    """The last completed round of a run directory (CheckpointError if none)."""
+    try:
+        return int(json.loads((Path(run_dir) / CHECKPOINT / "state.json").read_text())["round"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"cannot resume {run_dir}: no readable checkpoint ({exc})") from None
+
+
+def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(state, global adapter) of the last completed round; metrics.jsonl is cut back to
+    that round (a line written after the checkpoint belongs to a round being redone)."""
+    from safetensors.numpy import load
+
+    run_dir = Path(run_dir)
+    try:
+        state = json.loads((run_dir / CHECKPOINT / "state.json").read_text())
+        arrays = load((run_dir / CHECKPOINT / state["adapter"]).read_bytes())
+        lines = read_metrics(run_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot resume {run_dir}: no readable checkpoint ({exc})") from None
+    kept = [line for line in lines if line["round"] <= state["round"]]
+    if len(kept) != len(lines):
+        _atomic_write(run_dir / "metrics.jsonl",
+                      "".join(json.dumps(line) + "\n" for line in kept).encode())
+    return state, arrays

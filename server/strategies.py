@@ -26,17 +26,33 @@ def fedavg(updates: Sequence[tuple[Arrays, float]]) -> Arrays:
     }
 
 
-def problems_with(update: Arrays, expected: Arrays | None) -> str | None:
-    """Why an update cannot be aggregated, or None when it can."""
-    if expected is not None:
-        if set(update) != set(expected):
-            return f"unexpected tensor names ({len(set(update) ^ set(expected))} differ)"
-        for key, value in update.items():
-            if value.shape != expected[key].shape:
-                return f"{key} has shape {value.shape}, expected {expected[key].shape}"
+def update_norm(update: Arrays, reference: Arrays) -> float:
+    """L2 norm of (update - reference) over all tensors."""
+    return float(np.sqrt(sum(
+        np.sum((update[k].astype(np.float64) - reference[k].astype(np.float64)) ** 2)
+        for k in reference)))
+
+
+def problems_with(update: Arrays, expected: Arrays, max_norm: float = 0.0) -> str | None:
+    """Why an update cannot be aggregated, or None when it can.
+
+    `expected` is the global adapter the client was sent: the update must have its
+    tensor names, shapes and dtypes, hold only finite values, and (when `max_norm`
+    > 0) differ from it by at most `max_norm` in L2 norm.
+    """
+    if set(update) != set(expected):
+        extra, missing = sorted(set(update) - set(expected)), sorted(set(expected) - set(update))
+        return (f"unexpected tensor names (extra {extra[:2]}{'...' if len(extra) > 2 else ''}, "
+                f"missing {missing[:2]}{'...' if len(missing) > 2 else ''})")
     for key, value in update.items():
-        if not np.issubdtype(value.dtype, np.floating):
-            return f"{key} has dtype {value.dtype}"
+        if value.shape != expected[key].shape:
+            return f"{key} has shape {value.shape}, expected {expected[key].shape}"
+        if value.dtype != expected[key].dtype:
+            return f"{key} has dtype {value.dtype}, expected {expected[key].dtype}"
         if not np.all(np.isfinite(value)):
             return f"{key} holds NaN or Inf"
+    if max_norm > 0:
+        norm = update_norm(update, expected)
+        if norm > max_norm:
+            return f"update norm {norm:.4g} exceeds max-update-norm {max_norm:g}"
     return None

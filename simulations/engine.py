@@ -11,8 +11,8 @@ from typing import Any
 from client.data import DataError, partitions
 from client.model import ModelError, check_lora_targets, prepare_base
 from client.profiles import profile
-from server.config import validate
-from server.records import new_run_dir
+from server.config import resume_config, validate
+from server.records import checkpoint_round, new_run_dir
 from simulations import canaries
 from simulations.loopback import apply_loopback
 
@@ -33,23 +33,30 @@ def preflight(config: dict[str, Any]) -> None:
     check_lora_targets(source, [t.strip() for t in config["lora-targets"].split(",")])
 
 
-def simulate(overrides: dict[str, Any], echo: Callable[[str], None] = print) -> Path:
-    """Run a local federation; returns the run directory."""
+def simulate(overrides: dict[str, Any], echo: Callable[[str], None] = print,
+             client_app: Any = None) -> Path:
+    """Run a local federation; returns the run directory. `echo` receives the summary
+    lines; `client_app` replaces fedslm's ClientApp (tests use one that misbehaves)."""
     config = validate(overrides)
+    if config["resume"]:
+        config = resume_config(config["resume"])
+        run_dir = Path(config["resume"])
+        checkpoint_round(run_dir)  # fail now, not inside the engine
     apply_loopback()
     preflight(config)
     if config["threads"] == 0:
         config["threads"] = config["client-cpus"]
-    run_dir = new_run_dir(config["out"])
-    if config["audit-canaries"]:
-        config["canary-file"] = str(canaries.plant(config["audit-canaries"], run_dir))
+    if not config["resume"]:
+        run_dir = new_run_dir(config["out"])
+        if config["audit-canaries"]:
+            config["canary-file"] = str(canaries.plant(config["audit-canaries"], run_dir))
     echo(f"fedslm: {config['num-clients']} clients, {config['num-server-rounds']} rounds, "
          f"run directory {run_dir}")
 
     import torch
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
+    from client.app import app as fedslm_client_app
     from server.app import make_server_app
 
     backend = {
@@ -58,7 +65,8 @@ def simulate(overrides: dict[str, Any], echo: Callable[[str], None] = print) -> 
         "init_args": {"num_cpus": max(os.cpu_count() or 1, config["client-cpus"]),
                       "include_dashboard": False, "logging_level": "ERROR"},
     }
-    run_simulation(server_app=make_server_app(config, run_dir), client_app=client_app,
+    run_simulation(server_app=make_server_app(config, run_dir, echo),
+                   client_app=client_app or fedslm_client_app,
                    num_supernodes=config["num-clients"], backend_config=backend)
     if config["audit-canaries"]:
         result = canaries.score(run_dir, config)

@@ -1,0 +1,1 @@
+"""Deployment on Flower's own engine: certificates, SuperLink and SuperNode launchers."""

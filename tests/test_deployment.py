@@ -1,0 +1,256 @@
+"""The deployment path on real processes: `fedslm certs`, a SuperLink with TLS and
+SuperNode authentication, registered SuperNodes, `flwr run`, a node killed mid-round and
+restarted. Everything listens on 127.0.0.1 and is stopped by the fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from privacy.ledger import Ledger
+from server.records import read_metrics
+from tests.test_simulation import CLIENT_KEYS, RUN_KEYS
+
+pytestmark = pytest.mark.slow
+APP_DIR = Path(__file__).resolve().parents[1]
+FEDSLM = [sys.executable, "-m", "fedslm.cli"]
+FLWR = str(Path(sys.executable).parent / "flwr")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Deployment:
+    """A SuperLink and SuperNodes started with `fedslm superlink` / `fedslm supernode`."""
+
+    def __init__(self, root: Path, model: Path, data: Path) -> None:
+        self.root, self.model, self.data = root, model, data
+        self.certs = root / "certs"
+        self.port = _free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = {**os.environ, "FLWR_HOME": str(root / "superlink" / "flwr"),
+                    "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1"}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen([*FEDSLM, *args], stdout=log, stderr=subprocess.STDOUT,
+                                env=self.env, cwd=self.root, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def start_node(self, name: str, partition: int) -> subprocess.Popen:
+        return self.start(name, [
+            "supernode", "--ca", str(self.certs / "ca.crt"),
+            "--key", str(self.certs / "nodes" / f"{name}.key"),
+            "--superlink", f"127.0.0.1:{self.port}", "--port", str(_free_port()),
+            "--state", str(self.state(name)), "--node-config", f"partition-id={partition}"])
+
+    def state(self, name: str) -> Path:
+        return self.root / "devices" / name
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([FLWR, *args], capture_output=True, text=True, env=self.env,
+                              cwd=self.root, timeout=timeout)
+
+    def online_nodes(self) -> int:
+        out = self.flwr("supernode", "list", "fedslm", "--format", "json")
+        nodes = json.loads(out.stdout).get("nodes", [])
+        return sum(1 for n in nodes if n.get("status") == "online")
+
+    def wait_online(self, count: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.online_nodes() != count:
+            assert time.monotonic() < deadline, f"not {count} nodes online"
+            time.sleep(1)
+
+    def run_args(self, out: Path, **config: object) -> list[str]:
+        settings = {"num-clients": 2, "num-server-rounds": 2, "model": str(self.model),
+                    "data": str(self.data), "seq-len": 32, "batch-size": 4, "local-steps": 2,
+                    "lora-r": 4, "max-eval-seqs": 4, "out": str(out), **config}
+        run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+        return ["run", str(APP_DIR), "fedslm", "--stream", "--run-config", run_config]
+
+    def last_status(self) -> str:
+        runs = json.loads(self.flwr("ls", "fedslm", "--format", "json").stdout)["runs"]
+        return sorted(runs, key=lambda r: r["pending-at"])[-1]["status"]
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(name)
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self.kill(name, signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, tiny_model):
+    from tests.conftest import make_text_clients
+
+    root = tmp_path_factory.mktemp("deploy")
+    dep = Deployment(root, tiny_model, make_text_clients(root / "data"))
+    made = subprocess.run([*FEDSLM, "certs", str(dep.certs), "--nodes", "3"],
+                          capture_output=True, text=True, env=dep.env)
+    assert made.returncode == 0, made.stderr
+    dep.start("superlink", ["superlink", "--certs", str(dep.certs), "--port", str(dep.port),
+                            "--state", str(root / "superlink")])
+    deadline = time.monotonic() + 60
+    while dep.flwr("supernode", "list", "fedslm").returncode != 0:
+        assert time.monotonic() < deadline, dep.log("superlink")
+        time.sleep(1)
+    for name in ("node-1", "node-2"):  # node-3 stays unregistered
+        reg = dep.flwr("supernode", "register", str(dep.certs / "nodes" / f"{name}.pub"),
+                       "fedslm")
+        assert reg.returncode == 0, reg.stdout + reg.stderr
+    dep.start_node("node-1", 0)
+    dep.start_node("node-2", 1)
+    dep.wait_online(2)
+    yield dep
+    dep.stop()
+
+
+def _listening(pids: list[int]) -> set[str]:
+    found = set()
+    for pid in pids:
+        try:
+            procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+            for p in procs:
+                found |= {c.laddr.ip for c in p.net_connections("inet") if c.status == "LISTEN"}
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def test_unregistered_supernode_is_refused(deployment):
+    proc = deployment.start_node("node-3", 2)
+    assert proc.wait(timeout=60) != 0
+    del deployment.procs["node-3"]
+    assert "Failed to activate SuperNode" in deployment.log("node-3")
+    assert deployment.online_nodes() == 2
+    assert _listening([p.pid for p in deployment.procs.values()]) == {"127.0.0.1"}
+
+
+def _ledger(deployment: Deployment, name: str) -> list:
+    with Ledger(deployment.state(name) / "ledger.sqlite", create=False) as ledger:
+        assert ledger.verify() == []
+        return ledger.entries()
+
+
+def test_tls_authenticated_federation_runs_two_rounds(deployment, tmp_path):
+    out = deployment.flwr(*deployment.run_args(tmp_path / "runs"), timeout=400)
+    assert deployment.last_status() == "finished:completed", out.stdout[-3000:]
+    run_dir = next((tmp_path / "runs").iterdir())
+    lines = read_metrics(run_dir)
+    assert [x["round"] for x in lines] == [0, 1, 2]
+    for line in lines:
+        assert RUN_KEYS <= set(line) and line["failures"] == []
+        assert {c["client"] for c in line["clients"]} == {"client-0", "client-1"}
+        assert all(CLIENT_KEYS <= set(c) for c in line["clients"])
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    for name in ("node-1", "node-2"):
+        entries = [e for e in _ledger(deployment, name) if e.run_id == run_dir.name]
+        assert [e.round for e in entries] == [1, 2]
+        audit = subprocess.run([*FEDSLM, "audit", str(deployment.state(name) / "ledger.sqlite")],
+                               capture_output=True, text=True)
+        assert audit.returncode == 0, audit.stdout
+
+
+def test_a_killed_supernode_does_not_stop_the_run(deployment, tmp_path):
+    out = tmp_path / "runs"
+    run = subprocess.Popen([FLWR, *deployment.run_args(out, **{"round-timeout": 90.0})],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=deployment.env, cwd=deployment.root)
+    ledger = deployment.state("node-2") / "ledger.sqlite"
+    before = len(_ledger(deployment, "node-2"))
+    deadline = time.monotonic() + 180
+    while len(_ledger(deployment, "node-2")) == before:  # round 1's spend is recorded...
+        assert time.monotonic() < deadline and run.poll() is None
+        time.sleep(0.2)
+    deployment.kill("node-2")  # ...and the device dies while it trains
+    output, _ = run.communicate(timeout=400)
+    assert deployment.last_status() == "finished:completed", output[-3000:]
+
+    run_dir = next(out.iterdir())
+    lines = read_metrics(run_dir)
+    assert [x["round"] for x in lines] == [0, 1, 2]
+    assert lines[1]["failures"] and lines[1]["eval_loss"] == lines[1]["eval_loss"]
+    assert [c["client"] for c in lines[1]["clients"] if c["status"] == "trained"] == \
+        ["client-0"]
+    assert [c["client"] for c in lines[2]["clients"]] == ["client-0"]
+    charged = [e for e in _ledger(deployment, "node-2") if e.run_id == run_dir.name]
+    assert [e.round for e in charged] == [1]  # its spend survived the crash
+
+    deployment.start_node("node-2", 1)  # restarted with the same state folder
+    deployment.wait_online(2)
+    again = deployment.flwr(*deployment.run_args(out, **{"num-server-rounds": 1}), timeout=400)
+    assert deployment.last_status() == "finished:completed", again.stdout[-3000:]
+    entries = _ledger(deployment, "node-2")
+    assert len(entries) == before + 2
+    assert entries[-1].epsilon > entries[-2].epsilon  # cumulative over all its runs
+    audit = subprocess.run([*FEDSLM, "audit", str(ledger)], capture_output=True, text=True)
+    assert audit.returncode == 0, audit.stdout
+
+
+def test_insecure_is_loud_and_tls_needs_certificates(tmp_path):
+    missing = subprocess.run([*FEDSLM, "superlink", "--state", str(tmp_path / "s")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "give --certs" in missing.stderr
+    node = subprocess.run([*FEDSLM, "supernode", "--state", str(tmp_path / "n")],
+                          capture_output=True, text=True)
+    assert node.returncode == 2 and "give --ca" in node.stderr
+    proc = subprocess.Popen([*FEDSLM, "superlink", "--insecure", "--port", str(_free_port()),
+                             "--state", str(tmp_path / "s")], stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert "WARNING: --insecure: TLS is OFF" in proc.stderr.readline()  # the first line
+        assert "connection 'fedslm'" in proc.stderr.readline()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    config = (tmp_path / "s" / "flwr" / "config.toml").read_text()
+    assert "insecure = true" in config
+
+
+def test_certs_cover_the_addresses_and_refuse_to_overwrite(tmp_path):
+    from cryptography import x509
+
+    folder = tmp_path / "certs"
+    made = subprocess.run([*FEDSLM, "certs", str(folder), "--address", "10.0.0.5",
+                           "--address", "coordinator.lan", "--nodes", "2"],
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    cert = x509.load_pem_x509_certificate((folder / "superlink.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    assert san.get_values_for_type(x509.DNSName) == ["coordinator.lan"]
+    ca = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert sorted(p.name for p in (folder / "nodes").iterdir()) == \
+        ["node-1.key", "node-1.pub", "node-2.key", "node-2.pub"]
+    assert (folder / "nodes" / "node-1.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert oct((folder / "ca.key").stat().st_mode & 0o777) == "0o600"
+    again = subprocess.run([*FEDSLM, "certs", str(folder)], capture_output=True, text=True)
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr
+    bad = subprocess.run([*FEDSLM, "certs", str(tmp_path / "x"), "--address", "a b"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and not (tmp_path / "x").exists()
