@@ -13,7 +13,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.rounds import evaluate_round, train_round
+from client.rounds import evaluate_round, simulated_dropout, train_round
 from client.settings import ClientSettings
 
 # Library chatter that says nothing to a user of the ClientApp's process.
@@ -35,7 +35,10 @@ def _arrays(msg: Message) -> dict[str, np.ndarray]:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    arrays, metrics, info = train_round(_settings(msg, context), _arrays(msg))
+    settings = _settings(msg, context)
+    if simulated_dropout(settings):
+        raise RuntimeError(f"simulated dropout (dropout-rate={settings.dropout_rate:g})")
+    arrays, metrics, info = train_round(settings, _arrays(msg))
     content = RecordDict({
         "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
         "metrics": MetricRecord(metrics),

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,15 +244,31 @@ def attach_lora(model, r: int, alpha: float, dropout: float, targets: list[str],
 
 
 def reset_adapter(peft_model, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
+    """The shared seeded start: A uniform in +-1/sqrt(fan_in), B zero. Each module draws
+    from its own generator, row by row, so that a rank-r start is the first r rows of a
+    larger rank's start (what HetLoRA's truncation relies on)."""
     with torch.no_grad():
         for name, param in sorted(_lora_params(peft_model).items()):
             if ".lora_A." in name:
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 bound = 1.0 / np.sqrt(param.shape[1])
                 values = torch.rand(param.shape, generator=gen, dtype=torch.float32)
                 param.copy_((values * 2 - 1) * bound)
             else:
                 param.zero_()
+
+
+def freeze_lora_a(peft_model) -> None:
+    """FFA-LoRA: A stays at its shared seeded start; only B trains."""
+    for name, param in _lora_params(peft_model).items():
+        if ".lora_A." in name:
+            param.requires_grad_(False)
+
+
+def fit_rank(arrays: dict[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
+    """A rank-`rank` view of a larger adapter: the first rows of each A (r x in), the first
+    columns of each B (out x r) (HetLoRA's truncation); a smaller one is returned as is."""
+    return {k: (v[:rank] if ".lora_A." in k else v[:, :rank]) for k, v in arrays.items()}
 
 
 def _lora_params(peft_model) -> dict[str, torch.nn.Parameter]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import random
 import secrets
 import zlib
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ class Session:
     def get(cls, s: ClientSettings) -> Session:
         key = (s.model, s.quantization, s.device, s.lora_r, s.lora_alpha, s.lora_dropout,
                s.lora_targets, s.seed, s.data, s.partition, s.seq_len, s.max_eval_seqs,
-               s.canary_file, s.device_profile, s.threads)
+               s.canary_file, s.device_profile, s.threads, s.strategy)
         if cls._current is not None and cls._current.key == key:
             return cls._current
         cls._current = None  # free the old model before loading the next
@@ -64,6 +65,8 @@ class Session:
         if s.threads or device_profile.threads:
             torch.set_num_threads(s.threads or device_profile.threads)
         model, tokenizer, quant, source = _load_model(s)
+        if s.strategy == "ffa-lora":
+            model_mod.freeze_lora_a(model)
         name, train_set, heldout = _load_data(s, tokenizer)
         base_name = s.model if s.model != model_mod.EMBEDDED else source
         cls._current = cls(key, model, tokenizer, quant, source, name, train_set, heldout,
@@ -76,12 +79,23 @@ class Session:
     def energy_meter(self) -> EnergyMeter:
         return EnergyMeter(self.profile.watts_per_core, gpu=self.on_gpu)
 
-    def load_global(self, arrays: dict[str, np.ndarray], seed: int) -> None:
-        """The server's adapter, or (first round) the shared seeded initial one."""
+    def load_global(self, arrays: dict[str, np.ndarray], s: ClientSettings) -> None:
+        """The server's adapter, or (first round) the shared seeded initial one. Under
+        FFA-LoRA the server sends only B (A is the seeded start); under HetLoRA a larger
+        global adapter is cut to this client's rank."""
+        if not arrays or s.strategy == "ffa-lora":
+            model_mod.reset_adapter(self.model, s.seed)
         if arrays:
-            model_mod.set_adapter(self.model, arrays)
-        else:
-            model_mod.reset_adapter(self.model, seed)
+            if s.strategy == "ffa-lora":
+                arrays = {**model_mod.get_adapter(self.model), **arrays}
+            model_mod.set_adapter(self.model, model_mod.fit_rank(arrays, s.lora_r))
+
+    def sent_part(self, s: ClientSettings) -> dict[str, np.ndarray]:
+        """What this client sends: its adapter, without A under FFA-LoRA."""
+        arrays = model_mod.get_adapter(self.model)
+        if s.strategy == "ffa-lora":
+            arrays = {k: v for k, v in arrays.items() if ".lora_A." not in k}
+        return arrays
 
 
 def _load_model(s: ClientSettings):
@@ -116,6 +130,16 @@ def _generators(s: ClientSettings, client: str) -> tuple[torch.Generator, torch.
     return tuple(torch.Generator().manual_seed(x) for x in seeds)  # type: ignore[return-value]
 
 
+def simulated_dropout(s: ClientSettings) -> bool:
+    """Whether this client fails this round (`dropout-rate`, for simulating unreliable
+    devices); decided before any training, so a dropped round spends no privacy."""
+    if s.dropout_rate <= 0:
+        return False
+    rng = random.Random(f"{s.seed}|{s.partition}|{s.round}") if s.reproducible \
+        else random.SystemRandom()
+    return rng.random() < s.dropout_rate
+
+
 def train_round(s: ClientSettings, arrays: dict[str, np.ndarray]) -> tuple[dict, dict, dict]:
     """Check the budget, charge the ledger, train; return (adapter arrays, metrics, info).
 
@@ -128,7 +152,7 @@ def train_round(s: ClientSettings, arrays: dict[str, np.ndarray]) -> tuple[dict,
         log.warning("client %s round %d: not training: %s", session.client, s.round,
                     plan.refused)
         return {}, _budget_metrics(s, plan), _info(session, "", plan.refused)
-    session.load_global(arrays, s.seed)
+    session.load_global(arrays, s)
     dp = DPSettings(plan.noise_multiplier, s.clip_norm) if s.dp else None
     sampling, noise = _generators(s, session.client)
     every = max(1, s.local_steps // 4)
@@ -158,7 +182,7 @@ def train_round(s: ClientSettings, arrays: dict[str, np.ndarray]) -> tuple[dict,
         "energy-j": meter.reading.joules,
         "peak-rss-mb": peak_rss_mb(),
     }
-    return model_mod.get_adapter(session.model), metrics, _info(session, meter.reading.method)
+    return session.sent_part(s), metrics, _info(session, meter.reading.method)
 
 
 def _charge(s: ClientSettings, session: Session, q: float) -> RoundPlan:
@@ -205,7 +229,7 @@ def evaluate_round(s: ClientSettings, arrays: dict[str, np.ndarray]) -> tuple[di
     """Held-out metrics of the given adapter; given none (round 0), the seeded initial
     adapter is evaluated and returned, so that the server learns the shared start."""
     session = Session.get(s)
-    session.load_global(arrays, s.seed)
+    session.load_global(arrays, s)
     initial = {} if arrays else model_mod.get_adapter(session.model)
     with session.energy_meter() as meter:
         sums = evaluate(session.model, session.heldout)

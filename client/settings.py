@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.profiles import profile
+
 # Keys a SuperNode may set in its node config (they win over the server's config).
 NODE_KEYS = ("data", "partition-id", "client", "state-dir", "quantization", "device", "threads",
-             "budget-epsilon", "budget-delta", "device-profile", "cache-dir")
+             "budget-epsilon", "budget-delta", "device-profile", "cache-dir", "lora-r")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class ClientSettings:
     reproducible: bool
     cache_dir: str
     canary_file: str  # set by an empirical audit run: canaries to plant in partition 0
+    strategy: str
+    dropout_rate: float  # simulation only: the chance that this client fails a round
 
     @classmethod
     def from_records(cls, config: dict[str, Any], node: dict[str, Any]) -> ClientSettings:
@@ -59,6 +63,14 @@ class ClientSettings:
             return merged.get(key, default)
 
         noise = get("noise-multiplier", "auto")
+        partition = int(get("partition-id", 0))
+        device_profile = str(get("device-profile", "generic-cpu"))
+        simulated = [p.strip() for p in str(config.get("simulated-profiles", "")).split(",")
+                     if p.strip()]
+        if simulated and "device-profile" not in node:
+            device_profile = simulated[partition % len(simulated)]
+        strategy = str(get("strategy", "fedavg"))
+        rank, alpha = _lora_rank(strategy, config, node, device_profile)
         return cls(
             run_id=str(get("run-id", "local")),
             round=int(get("server-round", 0)),
@@ -67,9 +79,9 @@ class ClientSettings:
             quantization=str(get("quantization")),
             device=str(get("device", "auto")),
             threads=int(get("threads", 0)),
-            device_profile=str(get("device-profile", "generic-cpu")),
+            device_profile=device_profile,
             data=str(get("data")),
-            partition=int(get("partition-id", 0)),
+            partition=partition,
             client=str(get("client", "")),
             state_dir=str(get("state-dir", "")),
             state_root=str(get("state-root", "")),
@@ -78,8 +90,8 @@ class ClientSettings:
             local_steps=int(get("local-steps")),
             lr=float(get("lr")),
             optimizer=str(get("optimizer", "adamw")),
-            lora_r=int(get("lora-r")),
-            lora_alpha=float(get("lora-alpha")),
+            lora_r=rank,
+            lora_alpha=alpha,
             lora_dropout=float(get("lora-dropout", 0.0)),
             lora_targets=tuple(t.strip() for t in str(get("lora-targets")).split(",") if t.strip()),
             dp=bool(get("dp")),
@@ -94,6 +106,8 @@ class ClientSettings:
             reproducible=bool(get("reproducible", False)),
             cache_dir=str(get("cache-dir", "")),
             canary_file=str(get("canary-file", "")),
+            strategy=strategy,
+            dropout_rate=float(get("dropout-rate", 0.0)),
         )
 
     def resolved_state_dir(self, client: str) -> Path:
@@ -108,3 +122,16 @@ class ClientSettings:
 def _positive_or_none(value: Any) -> float | None:
     value = float(value)
     return value if value > 0 else None
+
+
+def _lora_rank(strategy: str, config: dict[str, Any], node: dict[str, Any],
+               device_profile: str) -> tuple[int, float]:
+    """(rank, alpha) of this client's adapter. Under hetlora a client trains the rank its
+    node config or device profile gives, at most the server's `lora-r`, and alpha is
+    scaled with the rank so that every client's update has the same scale (alpha / r)."""
+    top, alpha = int(config["lora-r"]), float(config["lora-alpha"])
+    if strategy != "hetlora":
+        return int(node.get("lora-r", top)), alpha
+    rank = int(node["lora-r"]) if "lora-r" in node else profile(device_profile).lora_rank
+    rank = max(1, min(rank, top))
+    return rank, alpha * rank / top

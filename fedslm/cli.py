@@ -25,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="go on with a stopped run after its last completed round "
                           "(with the run's own config)")
     sim.add_argument("-v", "--verbose", action="store_true", help="log each client's rounds")
+    swp = sub.add_parser("sweep", help="run a grid of simulations (a scenario file with a "
+                         "[grid] table); writes a CSV, a markdown table and the trade-off plot")
+    swp.add_argument("--config", required=True, help="sweep file, e.g. simulations/dp-sweep.toml")
+    swp.add_argument("--out", default="runs", help="folder that receives sweep-<time>/")
     aud = sub.add_parser("audit", help="verify privacy ledgers and recompute ε "
                          "(exit 0 ok, 1 problems found, 2 unreadable input)")
     aud.add_argument("path", help="a run directory or a ledger file")
@@ -156,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         return _report(args)
     if args.command in ("certs", "superlink", "supernode"):
         return _deploy(args)
-    _setup_logging(args.verbose)
-    if args.command == "simulate":
+    _setup_logging(getattr(args, "verbose", False))
+    if args.command in ("simulate", "sweep"):
         import importlib.util
 
         if importlib.util.find_spec("ray") is None:
@@ -177,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     from server.records import CheckpointError
 
     try:
+        if args.command == "sweep":
+            from pathlib import Path
+
+            from simulations.sweep import sweep
+
+            sweep(Path(args.config), Path(args.out))
+            return 0
         return _simulate(args)
     except (ConfigError, DataError, ModelError, LedgerError, ProfileError,
             CheckpointError) as exc:

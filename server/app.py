@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import secrets
 import time
 from collections.abc import Callable
@@ -28,7 +29,15 @@ from server.records import (
     summary_line,
     write_json,
 )
-from server.strategies import Arrays, fedavg, problems_with
+from server.strategies import (
+    Arrays,
+    cut_to_rank,
+    fedavg,
+    hetlora,
+    problems_with,
+    rank_of,
+    sent_part,
+)
 
 log = logging.getLogger("fedslm")
 
@@ -145,15 +154,17 @@ def _client_rows(trained: list[Reply], refused: list[Reply],
 
 
 def _initial_adapter(evaluated: list[Reply]) -> tuple[Arrays, str]:
-    """The clients' shared seeded adapter, sent back with the round-0 evaluation."""
-    first = evaluated[0].arrays
-    for reply in evaluated[1:]:
-        if set(reply.arrays) != set(first) or any(
-                not np.array_equal(reply.arrays[k], first[k]) for k in first):
+    """The clients' shared seeded adapter, sent back with the round-0 evaluation: the
+    largest rank's (HetLoRA); every other must be its first components."""
+    first = max(evaluated, key=lambda r: rank_of(r.arrays))
+    for reply in evaluated:
+        expected = cut_to_rank(first.arrays, rank_of(reply.arrays))
+        if set(reply.arrays) != set(expected) or any(
+                not np.array_equal(reply.arrays[k], expected[k]) for k in expected):
             raise FederationError(
-                f"clients {evaluated[0].client} and {reply.client} start from different "
+                f"clients {first.client} and {reply.client} start from different "
                 "adapters (different model, LoRA settings or seed?)")
-    return first, evaluated[0].info["adapter-config"]
+    return first.arrays, first.info["adapter-config"]
 
 
 class CentralDP:
@@ -169,8 +180,8 @@ class CentralDP:
         self.seed = config["seed"] if config["reproducible"] else None
 
     def aggregate(self, rnd: int, reference: Arrays, updates: list[Reply],
-                  sampled: int) -> tuple[Arrays, float]:
-        q = sampled / self.num_clients
+                  q: float) -> tuple[Arrays, float]:
+        """q: the rate at which clients were sampled this round (1: all asked)."""
         history = self.ledger.history() + [(self.noise, q, 1)]
         eps = epsilon(history, self.delta, "rdp")
         self.ledger.append(Entry(  # charged before the aggregate is released
@@ -181,7 +192,7 @@ class CentralDP:
         rng = np.random.default_rng(  # per round, so that a resumed run draws the same
             [self.seed, rnd] if self.seed is not None else secrets.randbits(128))
         arrays, norms = dp_fedavg(reference, [r.arrays for r in updates], self.clip,
-                                  self.noise, sampled, rng)
+                                  self.noise, q * self.num_clients, rng)
         log.info("round %d: central DP, update norms %s, user-level epsilon %.3f", rnd,
                  [round(n, 3) for n in norms], eps)
         return arrays, eps
@@ -249,35 +260,73 @@ class Federation:
         self.nodes = nodes
         return nodes
 
-    def _send(self, kind: str, rnd: int) -> tuple[list[Reply], list[dict[str, Any]], int]:
+    def _sample(self, rnd: int, nodes: list[int]) -> tuple[list[int], float]:
+        """This round's trainers and the rate q they were sampled at. With central DP,
+        Poisson sampling at q = clients-per-round / num-clients (what its accountant
+        models); otherwise a uniform sample of that size."""
+        want = self.config["clients-per-round"]
+        if not want or (want >= len(nodes) and not self.central):
+            return nodes, len(nodes) / self.config["num-clients"]
+        seed = f"{self.config['seed']}|{rnd}"
+        rng = random.Random(seed) if self.config["reproducible"] else random.SystemRandom()
+        if self.central:
+            q = min(1.0, want / self.config["num-clients"])
+            return [n for n in nodes if rng.random() < q], q
+        return sorted(rng.sample(nodes, want)), want / self.config["num-clients"]
+
+    def _evaluators(self, rnd: int) -> list[int]:
         nodes = self._connected(rnd)
-        record = ArrayRecord({k: Array(v) for k, v in self.arrays.items()})
+        return nodes[:self.config["eval-clients"]] if self.config["eval-clients"] else nodes
+
+    def _send(self, kind: str, rnd: int,
+              nodes: list[int]) -> tuple[list[Reply], list[dict[str, Any]], int]:
+        record = ArrayRecord({k: Array(v) for k, v in
+                              sent_part(self.arrays, self.config["strategy"]).items()})
         replies, failures = _send(self.grid, nodes, kind, record, self.client_config, rnd,
                                   self.config["round-timeout"])
         return replies, failures, payload_bytes(record) * len(nodes)
 
     def train(self, rnd: int) -> tuple[list[Reply], list[Reply], list[dict[str, Any]], int]:
         """(trained, refused, failures, bytes down); the global adapter is updated."""
-        replies, failures, down = self._send(MessageType.TRAIN, rnd)
+        nodes, q = self._sample(rnd, self._connected(rnd))
+        if not nodes:  # a Poisson draw of no client: the noised aggregate is still released
+            log.warning("round %d: no client sampled", rnd)
+            self.arrays, self.central_epsilon = self.central.aggregate(rnd, self.arrays, [], q)
+            return [], [], [], 0
+        replies, failures, down = self._send(MessageType.TRAIN, rnd, nodes)
         refused = [r for r in replies if r.info.get("status", "ok") != "ok"]
         for r in refused:
             log.warning("round %d: %s did not train: %s", rnd, r.client, r.info["status"])
         if refused and len(refused) == len(replies) and not failures:
             return [], refused, failures, down
         updates = [r for r in replies if r not in refused]
-        trained = _accept(updates, failures, self.arrays, rnd, self.config["max-update-norm"],
-                          self.config["min-replies"])
+        trained = _accept(updates, failures, self._expected, rnd,
+                          self.config["max-update-norm"], self.config["min-replies"])
         refused += [r for r in updates if r not in trained]  # rejected: trained, not used
-        if self.central:
-            self.arrays, self.central_epsilon = self.central.aggregate(
-                rnd, self.arrays, trained, len(self.nodes))
-        else:
-            self.arrays = fedavg([(r.arrays, r.metrics["num-examples"]) for r in trained])
+        self.arrays = self._aggregate(rnd, trained, q)
         save_adapter(self.run_dir / "adapter", self.arrays, self.adapter_config)
         return trained, refused, failures, down
 
+    def _expected(self, update: Arrays) -> Arrays:
+        """What a valid update looks like: the adapter sent (HetLoRA: cut to its rank)."""
+        sent = sent_part(self.arrays, self.config["strategy"])
+        return cut_to_rank(sent, rank_of(update)) if self.config["strategy"] == "hetlora" \
+            else sent
+
+    def _aggregate(self, rnd: int, trained: list[Reply], q: float) -> Arrays:
+        strategy = self.config["strategy"]
+        if strategy == "hetlora":
+            return hetlora([(r.arrays, r.metrics["num-examples"]) for r in trained],
+                           rank_of(self.arrays))
+        sent = sent_part(self.arrays, strategy)
+        if self.central:
+            new, self.central_epsilon = self.central.aggregate(rnd, sent, trained, q)
+        else:
+            new = fedavg([(r.arrays, r.metrics["num-examples"]) for r in trained])
+        return {**self.arrays, **new}  # FFA-LoRA: A stays the shared start
+
     def evaluate(self, rnd: int) -> tuple[list[Reply], list[dict[str, Any]], int]:
-        evaluated, failures, down = self._send(MessageType.EVALUATE, rnd)
+        evaluated, failures, down = self._send(MessageType.EVALUATE, rnd, self._evaluators(rnd))
         if not evaluated:
             reason = failures[0]["reason"] if failures else "?"
             raise FederationError(f"round {rnd}: no client could evaluate: {reason}")
@@ -317,7 +366,8 @@ class Federation:
             trained, refused, failures, down = [], [], [], 0
             if rnd > 0:
                 trained, refused, failures, down = self.train(rnd)
-                if not trained:
+                if not trained and refused and all(
+                        r.info["status"].startswith("refused") for r in refused):
                     self.echo(f"round {rnd}: every client's privacy budget is spent; stopping")
                     break
             evaluated, eval_failures, eval_down = self.evaluate(rnd)
@@ -351,13 +401,14 @@ def _add_costs(line: dict[str, Any], batch_size: int, nodes: int, energy_before:
     return spent
 
 
-def _accept(replies: list[Reply], failures: list[dict[str, Any]], expected: Arrays,
-            rnd: int, max_norm: float = 0.0, min_replies: int = 1) -> list[Reply]:
+def _accept(replies: list[Reply], failures: list[dict[str, Any]],
+            expected: Callable[[Arrays], Arrays], rnd: int, max_norm: float = 0.0,
+            min_replies: int = 1) -> list[Reply]:
     """The updates that may be aggregated; each rejected one is logged and listed in
     `failures` with its node and reason. Fewer than `min_replies` ends the run."""
     accepted = []
     for reply in replies:
-        problem = problems_with(reply.arrays, expected, max_norm)
+        problem = problems_with(reply.arrays, expected(reply.arrays), max_norm)
         if problem:
             log.warning("round %d: rejected update from node %s (%s): %s", rnd, reply.node,
                         reply.client, problem)

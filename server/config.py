@@ -22,6 +22,11 @@ DEFAULTS: dict[str, Any] = {
     "min-replies": 1,
     "max-update-norm": 0.0,
     "resume": "",
+    "strategy": "fedavg",
+    "clients-per-round": 0,
+    "eval-clients": 0,
+    "dropout-rate": 0.0,
+    "simulated-profiles": "",
     "client-cpus": 1,
     # model
     "model": "embedded",
@@ -65,7 +70,8 @@ DEFAULTS: dict[str, Any] = {
 POSITIVE = {"num-server-rounds", "num-clients", "client-cpus", "lora-r", "lora-alpha", "seq-len",
             "max-eval-seqs", "local-steps", "batch-size", "lr", "target-epsilon", "clip-norm",
             "round-timeout", "central-clip-norm", "node-wait", "min-replies"}
-CHOICES = {"quantization": ("auto", "nf4", "int8", "none"), "optimizer": ("adamw", "sgd")}
+CHOICES = {"quantization": ("auto", "nf4", "int8", "none"), "optimizer": ("adamw", "sgd"),
+           "strategy": ("fedavg", "ffa-lora", "hetlora")}
 
 
 class ConfigError(ValueError):
@@ -113,12 +119,17 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, "
                               f"got {out[key]!r}")
     for key in ("budget-epsilon", "budget-delta", "central-noise-multiplier", "audit-canaries",
-                "max-update-norm"):
+                "max-update-norm", "clients-per-round", "eval-clients"):
         if out[key] < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {out[key]!r}")
     if out["min-replies"] > out["num-clients"]:
         raise ConfigError(f"config key 'min-replies' ({out['min-replies']}) must not exceed "
                           f"'num-clients' ({out['num-clients']})")
+    if not 0 <= out["dropout-rate"] < 1:
+        raise ConfigError("config key 'dropout-rate' must be in [0, 1)")
+    if out["central-dp"] and out["strategy"] == "hetlora":
+        raise ConfigError("central-dp needs updates of one shape: use strategy fedavg or "
+                          "ffa-lora with it")
     if not 0 < out["delta"] < 1:
         raise ConfigError(f"config key 'delta' must be in (0, 1), got {out['delta']!r}")
     if out["noise-multiplier"] != "auto" and out["noise-multiplier"] < 0:
@@ -139,6 +150,8 @@ def load_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if "grid" in data or "extra" in data:
+        raise ConfigError(f"{path} is a sweep (it has a [grid]): run fedslm sweep --config {path}")
     return dict(data.get("config", data))
 
 

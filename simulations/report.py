@@ -158,10 +158,11 @@ def _plots(runs: list[dict[str, Any]], folder: Path) -> list[tuple[str, str]]:
     return made
 
 
-def write_report(run_dirs: list[Path]) -> Path:
+def write_report(run_dirs: list[Path], folder: Path | None = None) -> Path:
+    """The page for these runs in `folder` (default: the first run's report/)."""
     runs = [load_run(Path(d)) for d in run_dirs]
-    folder = runs[0]["dir"] / "report"
-    folder.mkdir(exist_ok=True)
+    folder = folder or runs[0]["dir"] / "report"
+    folder.mkdir(parents=True, exist_ok=True)
     images = _plots(runs, folder)
     figures = "\n".join(
         f'<figure><img src="{name}" alt="{html.escape(caption)}">'

@@ -55,11 +55,11 @@ def test_rejected_updates_leave_the_round_to_the_valid_ones(caplog):
     bad = Reply(node=12, client="bad", metrics={}, info={},
                 arrays=_update(a__lora_B__weight=np.full((4, 2), np.nan, np.float32)))
     failures: list = []
-    assert _accept([good, bad], failures, GLOBAL, rnd=3) == [good]
+    assert _accept([good, bad], failures, lambda u: GLOBAL, rnd=3) == [good]
     assert failures == [{"node": 12, "client": "bad", "reason": "a.lora_B.weight holds NaN or Inf"}]
     assert "rejected update from node 12 (bad)" in caplog.text
     with pytest.raises(FederationError, match="1 usable updates, fewer than min-replies=2"):
-        _accept([good, bad], [], GLOBAL, rnd=3, min_replies=2)
+        _accept([good, bad], [], lambda u: GLOBAL, rnd=3, min_replies=2)
 
 
 def test_checkpoint_round_trip_cuts_metrics_back(tmp_path):
