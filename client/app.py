@@ -10,7 +10,16 @@ import logging
 import warnings
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from client.rounds import evaluate_round, simulated_dropout, train_round
@@ -36,8 +45,9 @@ def _arrays(msg: Message) -> dict[str, np.ndarray]:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     settings = _settings(msg, context)
-    if simulated_dropout(settings):
-        raise RuntimeError(f"simulated dropout (dropout-rate={settings.dropout_rate:g})")
+    if simulated_dropout(settings):  # an error reply, as from a device that failed
+        reason = f"simulated dropout (dropout-rate={settings.dropout_rate:g})"
+        return Message(error=Error(code=0, reason=reason), reply_to=msg)
     arrays, metrics, info = train_round(settings, _arrays(msg))
     content = RecordDict({
         "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),

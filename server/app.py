@@ -46,6 +46,10 @@ class FederationError(RuntimeError):
     """The federation cannot go on (no client replied, too few clients)."""
 
 
+class TooFewUpdates(FederationError):
+    """A round has fewer usable updates than `min-replies`: it is skipped."""
+
+
 @dataclass(eq=False)  # identity: replies hold numpy arrays
 class Reply:
     node: int
@@ -167,6 +171,19 @@ def _initial_adapter(evaluated: list[Reply]) -> tuple[Arrays, str]:
     return first.arrays, first.info["adapter-config"]
 
 
+def sample_clients(nodes: list[int], want: int, total: int, poisson: bool,
+                   rng: random.Random) -> tuple[list[int], float]:
+    """A round's trainers and the rate q they were sampled at. `want` = 0 asks every
+    node. Poisson sampling (each node with probability q = want / total, what the
+    central-DP accountant models) when `poisson`; otherwise a uniform sample of `want`."""
+    if not want or (want >= len(nodes) and not poisson):
+        return nodes, len(nodes) / total
+    if poisson:
+        q = min(1.0, want / total)
+        return [n for n in nodes if rng.random() < q], q
+    return sorted(rng.sample(nodes, want)), want / total
+
+
 class CentralDP:
     """The server's user-level DP mechanism and its ledger (see server/central_dp.py)."""
 
@@ -225,6 +242,7 @@ class Federation:
         self.central_epsilon: float | None = 0.0 if self.central else None
         self.energy_total, self.first_loss = 0.0, math.nan
         self.next_round = 0
+        self.skipped: str | None = None  # why this round's training was skipped
         if config["resume"]:
             self._restore()
 
@@ -261,18 +279,10 @@ class Federation:
         return nodes
 
     def _sample(self, rnd: int, nodes: list[int]) -> tuple[list[int], float]:
-        """This round's trainers and the rate q they were sampled at. With central DP,
-        Poisson sampling at q = clients-per-round / num-clients (what its accountant
-        models); otherwise a uniform sample of that size."""
-        want = self.config["clients-per-round"]
-        if not want or (want >= len(nodes) and not self.central):
-            return nodes, len(nodes) / self.config["num-clients"]
         seed = f"{self.config['seed']}|{rnd}"
         rng = random.Random(seed) if self.config["reproducible"] else random.SystemRandom()
-        if self.central:
-            q = min(1.0, want / self.config["num-clients"])
-            return [n for n in nodes if rng.random() < q], q
-        return sorted(rng.sample(nodes, want)), want / self.config["num-clients"]
+        return sample_clients(nodes, self.config["clients-per-round"],
+                              self.config["num-clients"], self.central is not None, rng)
 
     def _evaluators(self, rnd: int) -> list[int]:
         nodes = self._connected(rnd)
@@ -300,8 +310,16 @@ class Federation:
         if refused and len(refused) == len(replies) and not failures:
             return [], refused, failures, down
         updates = [r for r in replies if r not in refused]
-        trained = _accept(updates, failures, self._expected, rnd,
-                          self.config["max-update-norm"], self.config["min-replies"])
+        try:
+            trained = _accept(updates, failures, self._expected, rnd,
+                              self.config["max-update-norm"], self.config["min-replies"])
+        except TooFewUpdates as exc:  # the global adapter stays as it was
+            log.warning("%s; round skipped", exc)
+            self.skipped = str(exc)
+            for r in updates:
+                if r.info["status"] == "ok":
+                    r.info["status"] = "unused: round skipped"
+            return [], refused + updates, failures, down
         refused += [r for r in updates if r not in trained]  # rejected: trained, not used
         self.arrays = self._aggregate(rnd, trained, q)
         save_adapter(self.run_dir / "adapter", self.arrays, self.adapter_config)
@@ -351,7 +369,9 @@ class Federation:
             "dropouts": [{"client": r.client, "reason": r.info["status"]} for r in refused
                          if r.info["status"].startswith("refused")],
             "failures": failures,
+            "skipped": self.skipped,
         }
+        self.skipped = None
         if rnd == 0:
             self.first_loss = line["eval_loss"]
         self.energy_total = _add_costs(line, self.config["batch-size"], len(self.nodes),
@@ -366,7 +386,7 @@ class Federation:
             trained, refused, failures, down = [], [], [], 0
             if rnd > 0:
                 trained, refused, failures, down = self.train(rnd)
-                if not trained and refused and all(
+                if not trained and refused and self.skipped is None and all(
                         r.info["status"].startswith("refused") for r in refused):
                     self.echo(f"round {rnd}: every client's privacy budget is spent; stopping")
                     break
@@ -419,8 +439,8 @@ def _accept(replies: list[Reply], failures: list[dict[str, Any]],
     if len(accepted) < min_replies:
         reasons = "; ".join(f"node {f['node']}: {f['reason']}" for f in failures) \
             or "no client was sampled"
-        raise FederationError(f"round {rnd}: {len(accepted)} usable updates, fewer than "
-                              f"min-replies={min_replies} ({reasons})")
+        raise TooFewUpdates(f"round {rnd}: {len(accepted)} usable updates, fewer than "
+                            f"min-replies={min_replies} ({reasons})")
     return accepted
 
 

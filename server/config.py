@@ -141,15 +141,18 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+
+
 def load_file(path: str | Path) -> dict[str, Any]:
     """Flat `key = value` pairs from a TOML scenario file (a [config] table also works)."""
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    data = read_toml(path)
     if "grid" in data or "extra" in data:
         raise ConfigError(f"{path} is a sweep (it has a [grid]): run fedslm sweep --config {path}")
     return dict(data.get("config", data))

@@ -71,6 +71,8 @@ def summary_line(line: dict[str, Any], num_rounds: int) -> str:
         eps_text += f"  user-level ε {line['central_epsilon']:.2f}"
     extra = "".join(f"  {key}: {len(line[key])}" for key in ("dropouts", "failures")
                     if line.get(key))
+    if line.get("skipped"):
+        extra += "  (training skipped: too few updates)"
     return (
         f"round {line['round']}/{num_rounds}  loss {line['eval_loss']:.3f}  "
         f"ppl {line['perplexity']:.1f}  acc {line['token_accuracy']:.3f}  {eps_text}  "

@@ -14,11 +14,10 @@ import itertools
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from server.config import ConfigError, validate
+from server.config import ConfigError, read_toml, validate
 from simulations.report import load_run, summary, write_report
 
 COLUMNS = ["epsilon", "ppl_final", "token_accuracy", "energy_kj", "mb_up", "mb_down",
@@ -27,12 +26,7 @@ COLUMNS = ["epsilon", "ppl_final", "token_accuracy", "energy_kj", "mb_up", "mb_d
 
 def read_sweep(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(settings shared by every run, each run's own settings)."""
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"sweep file not found: {path}") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read sweep file {path}: {exc}") from None
+    data = read_toml(path, "sweep file")
     grid, extra = data.pop("grid", None), data.pop("extra", [])
     if not isinstance(grid, dict) or not grid or not all(
             isinstance(v, list) and v for v in grid.values()):

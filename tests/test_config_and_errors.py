@@ -78,3 +78,20 @@ def test_a_model_folder_without_config(tmp_path, capsys):
     (tmp_path / "empty-model").mkdir()
     assert main(["simulate", "--set", f"model={tmp_path / 'empty-model'}"]) == 2
     assert "model folder has no config.json" in capsys.readouterr().err
+
+
+def test_every_shipped_scenario_and_sweep_file_is_valid():
+    from simulations.sweep import read_sweep
+
+    folder = ROOT / "simulations"
+    files = sorted(folder.glob("*.toml"))
+    assert {f.stem for f in files} >= {"default", "dp-sweep", "strategies", "heterogeneous",
+                                       "unreliable", "many-clients", "scale"}
+    for path in files:
+        if "[grid]" in path.read_text():
+            _, runs = read_sweep(path)
+            assert len(runs) >= 2
+            with pytest.raises(ConfigError, match="is a sweep"):
+                load_file(path)
+        else:
+            validate(load_file(path))

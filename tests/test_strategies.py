@@ -177,3 +177,28 @@ def test_a_sweep_on_a_tiny_model_writes_one_row_per_run(tiny_model, text_clients
                for line in het[1:])  # 2 clients per round
     het_final = load_file(runs["hetlora"] / "adapter" / "adapter_model.safetensors")
     assert {v.shape[0] for k, v in het_final.items() if ".lora_A." in k} == {4}
+
+
+def test_client_sampling_fixed_size_or_poisson():
+    import random
+
+    from server.app import sample_clients
+
+    nodes = list(range(100))
+    assert sample_clients(nodes, 0, 100, False, random.Random(0)) == (nodes, 1.0)
+    chosen, q = sample_clients(nodes, 10, 100, False, random.Random(1))
+    assert len(chosen) == 10 and len(set(chosen)) == 10 and q == 0.1
+    sizes = [len(sample_clients(nodes, 10, 100, True, random.Random(i))[0])
+             for i in range(2000)]
+    assert sample_clients(nodes, 10, 100, True, random.Random(0))[1] == 0.1
+    assert 9.7 < np.mean(sizes) < 10.3 and len(set(sizes)) > 5  # Binomial(100, 0.1)
+
+
+def test_simulated_dropout_rate(tiny_model, text_clients, tmp_path):
+    from client.rounds import simulated_dropout
+
+    rounds = [client_settings(tiny_model, text_clients, tmp_path, dropout_rate=0.3,
+                              server_round=r) for r in range(1, 2001)]
+    dropped = sum(simulated_dropout(s) for s in rounds)
+    assert 500 < dropped < 700
+    assert not simulated_dropout(client_settings(tiny_model, text_clients, tmp_path))
