@@ -158,9 +158,13 @@ def _plots(runs: list[dict[str, Any]], folder: Path) -> list[tuple[str, str]]:
     return made
 
 
-def write_report(run_dirs: list[Path], folder: Path | None = None) -> Path:
-    """The page for these runs in `folder` (default: the first run's report/)."""
+def write_report(run_dirs: list[Path], folder: Path | None = None,
+                 labels: list[str] | None = None) -> Path:
+    """The page for these runs in `folder` (default: the first run's report/); `labels`
+    name the runs in the table and the trade-off plot (default: their folder names)."""
     runs = [load_run(Path(d)) for d in run_dirs]
+    for run, label in zip(runs, labels or [], strict=False):
+        run["name"] = label
     folder = folder or runs[0]["dir"] / "report"
     folder.mkdir(parents=True, exist_ok=True)
     images = _plots(runs, folder)

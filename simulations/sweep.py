@@ -72,7 +72,7 @@ def sweep(path: Path, out: Path, echo=print) -> Path:
     keys = list(dict.fromkeys(k for run in runs for k in run))
     folder = Path(out).resolve() / time.strftime("sweep-%Y%m%d-%H%M%S")
     folder.mkdir(parents=True)
-    rows, run_dirs = [], []
+    rows, run_dirs, labels = [], [], []
     for i, point in enumerate(runs):
         label = " ".join(f"{k}={v}" for k, v in point.items())
         echo(f"sweep {i + 1}/{len(runs)}: {label}")
@@ -84,6 +84,7 @@ def sweep(path: Path, out: Path, echo=print) -> Path:
             row.update(_measures(load_run(run_dir)))
             row["run"] = run_dir.name
             run_dirs.append(run_dir)
+            labels.append(label)
         rows.append(row)
         echo("  " + _describe(row))
     header = [*keys, *COLUMNS, "run"]
@@ -93,7 +94,7 @@ def sweep(path: Path, out: Path, echo=print) -> Path:
         writer.writerows(rows)
     (folder / "sweep.md").write_text(markdown(rows, header))
     if run_dirs:
-        write_report(run_dirs, folder / "report")
+        write_report(run_dirs, folder / "report", labels)
     echo(str(folder))
     return folder
 
@@ -125,5 +126,6 @@ def markdown(rows: list[dict[str, Any]], header: list[str]) -> str:
               "round_seconds": "s/round", "peak_rss_mb": "peak MB", "wall_minutes": "wall min"}
     out = ["| " + " | ".join(titles.get(h, h) for h in header) + " |",
            "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(_fmt(row.get(h, "")) for h in header) + " |" for row in rows]
+    out += ["| " + " | ".join(_fmt(row.get(h)) if h in COLUMNS else str(row.get(h, ""))
+                              for h in header) + " |" for row in rows]
     return "\n".join(out) + "\n"
