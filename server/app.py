@@ -174,10 +174,11 @@ def _initial_adapter(evaluated: list[Reply]) -> tuple[Arrays, str]:
 def sample_clients(nodes: list[int], want: int, total: int, poisson: bool,
                    rng: random.Random) -> tuple[list[int], float]:
     """A round's trainers and the rate q they were sampled at. `want` = 0 asks every
-    node. Poisson sampling (each node with probability q = want / total, what the
-    central-DP accountant models) when `poisson`; otherwise a uniform sample of `want`."""
+    node (q = 1: no sampling to amplify privacy, even when some nodes are gone). Poisson
+    sampling (each node with probability q = want / total, what the central-DP
+    accountant models) when `poisson`; otherwise a uniform sample of `want`."""
     if not want or (want >= len(nodes) and not poisson):
-        return nodes, len(nodes) / total
+        return nodes, 1.0
     if poisson:
         q = min(1.0, want / total)
         return [n for n in nodes if rng.random() < q], q

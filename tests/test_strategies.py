@@ -186,6 +186,8 @@ def test_client_sampling_fixed_size_or_poisson():
 
     nodes = list(range(100))
     assert sample_clients(nodes, 0, 100, False, random.Random(0)) == (nodes, 1.0)
+    # all asked, some gone: no random sampling, so no amplification (q stays 1)
+    assert sample_clients(nodes[:90], 0, 100, True, random.Random(0)) == (nodes[:90], 1.0)
     chosen, q = sample_clients(nodes, 10, 100, False, random.Random(1))
     assert len(chosen) == 10 and len(set(chosen)) == 10 and q == 0.1
     sizes = [len(sample_clients(nodes, 10, 100, True, random.Random(i))[0])
