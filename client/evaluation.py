@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from client.data import Examples
+from client.loss import per_sequence_loss, token_stats
 
 
 @dataclass(frozen=True)
@@ -34,25 +35,16 @@ def evaluate(model, data: Examples, batch_size: int = 8) -> EvalSums:
     loss_sum, tokens, correct = 0.0, 0, 0
     for start in range(0, len(data), batch_size):
         batch = data.select(torch.arange(start, min(start + batch_size, len(data))))
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        logits = logits[:, :-1].float()
-        labels = batch.labels[:, 1:]
-        valid = labels != -100
-        ce = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum"
-        )
-        loss_sum += float(ce)
-        tokens += int(valid.sum())
-        correct += int(((logits.argmax(-1) == labels) & valid).sum())
+        batch_loss, batch_tokens, batch_correct = token_stats(model, batch)
+        loss_sum, tokens, correct = loss_sum + batch_loss, tokens + batch_tokens, \
+            correct + batch_correct
     return EvalSums(loss_sum, tokens, correct)
 
 
 @torch.inference_mode()
 def per_example_loss(model, data: Examples, batch_size: int = 32) -> np.ndarray:
     """Mean next-token cross-entropy of each example (shape [N])."""
-    from client.trainer import per_sequence_loss
-
     model.eval()
     out = [per_sequence_loss(model, data.select(torch.arange(i, min(i + batch_size, len(data)))))
            for i in range(0, len(data), batch_size)]
-    return torch.cat(out).float().numpy()
+    return torch.cat(out).float().cpu().numpy()

@@ -12,14 +12,17 @@ import logging
 import math
 import random
 import secrets
+import time
 import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from client import codec
 from client import data as data_mod
 from client import model as model_mod
 from client.energy import EnergyMeter, peak_rss_mb
@@ -50,30 +53,51 @@ class Session:
     profile: DeviceProfile
     on_gpu: bool
 
-    _current = None  # one per process: a client process serves one partition at a time
+    # One model per process, shared by the clients it serves in turn (a simulation's
+    # actor): load_global overwrites the whole adapter before every use. Tokenised data
+    # is kept per client (small), so that switching clients costs neither a model load
+    # nor a re-tokenisation.
+    _current: ClassVar[Session | None] = None
+    _model: ClassVar[tuple | None] = None  # (key, (model, tokenizer, quantization, source))
+    _data: ClassVar[dict] = {}  # data key -> (client name, train, held-out)
+    MAX_CLIENTS_CACHED: ClassVar[int] = 64
+
+    @classmethod
+    def forget(cls) -> None:
+        """Drop everything this process holds, as a fresh process would start."""
+        cls._current, cls._model, cls._data = None, None, {}
 
     @classmethod
     def get(cls, s: ClientSettings) -> Session:
-        key = (s.model, s.quantization, s.device, s.lora_r, s.lora_alpha, s.lora_dropout,
-               s.lora_targets, s.seed, s.data, s.partition, s.seq_len, s.max_eval_seqs,
-               s.canary_file, s.device_profile, s.threads, s.strategy)
+        device_profile = profile(s.device_profile)
+        threads = s.threads or device_profile.threads
+        model_key = (s.model, s.quantization, s.device, s.lora_r, s.lora_alpha, s.lora_dropout,
+                     s.lora_targets, s.seed, threads, s.strategy)
+        data_key = (s.data, s.partition, s.seq_len, s.max_eval_seqs, s.canary_file, s.client)
+        key = (model_key, data_key, s.device_profile)
         if cls._current is not None and cls._current.key == key:
             return cls._current
-        cls._current = None  # free the old model before loading the next
-        gc.collect()
-        device_profile = profile(s.device_profile)
-        if s.threads or device_profile.threads:
-            torch.set_num_threads(s.threads or device_profile.threads)
-        model, tokenizer, quant, source = _load_model(s)
-        if s.strategy == "ffa-lora":
-            model_mod.freeze_lora_a(model)
-        name, train_set, heldout = _load_data(s, tokenizer)
+        cls._current = None
+        if cls._model is None or cls._model[0] != model_key:
+            cls._model = None  # free the old model before loading the next
+            gc.collect()
+            if threads:
+                torch.set_num_threads(threads)
+            cls._model = (model_key, _load_model(s))
+        model, tokenizer, quant, source = cls._model[1]
+        device = next(model.parameters()).device
+        if data_key not in cls._data:
+            if len(cls._data) >= cls.MAX_CLIENTS_CACHED:
+                cls._data.pop(next(iter(cls._data)))
+            name, train_set, heldout = _load_data(s, tokenizer)
+            cls._data[data_key] = (name, train_set.to(device), heldout.to(device))
+            log.info("client %s: %d train / %d held-out sequences, quantization %s (%s)",
+                     name, len(train_set), len(heldout), quant.mode, quant.reason)
+        name, train_set, heldout = cls._data[data_key]
         base_name = s.model if s.model != model_mod.EMBEDDED else source
         cls._current = cls(key, model, tokenizer, quant, source, name, train_set, heldout,
                            model_mod.adapter_config_json(model, base_name), device_profile,
-                           next(model.parameters()).device.type == "cuda")
-        log.info("client %s: %d train / %d held-out sequences, quantization %s (%s)",
-                 name, len(train_set), len(heldout), quant.mode, quant.reason)
+                           device.type == "cuda")
         return cls._current
 
     def energy_meter(self) -> EnergyMeter:
@@ -97,6 +121,15 @@ class Session:
             arrays = {k: v for k, v in arrays.items() if ".lora_A." not in k}
         return arrays
 
+    def encoded_update(self, s: ClientSettings, received: dict[str, np.ndarray]) -> dict:
+        """The update on the wire (client/codec.py): a change from what was received."""
+        sent = self.sent_part(s)
+        reference = model_mod.fit_rank(received, s.lora_r)
+        if not set(sent) <= set(reference):
+            return sent
+        values, scales = codec.encode(sent, {k: reference[k] for k in sent}, s.update_encoding)
+        return codec.pack(values, scales)
+
 
 def _load_model(s: ClientSettings):
     """The base model with a LoRA adapter, its tokenizer, the quantization used, its source."""
@@ -106,6 +139,8 @@ def _load_model(s: ClientSettings):
     base, tokenizer = model_mod.load_base(source, quant, device)
     model = model_mod.attach_lora(base, s.lora_r, s.lora_alpha, s.lora_dropout,
                                   list(s.lora_targets), s.seed)
+    if s.strategy == "ffa-lora":
+        model_mod.freeze_lora_a(model)
     return model, tokenizer, quant, source
 
 
@@ -164,7 +199,7 @@ def train_round(s: ClientSettings, arrays: dict[str, np.ndarray]) -> tuple[dict,
 
     with session.energy_meter() as meter:
         result = train(session.model, session.train, s.local_steps, s.batch_size, s.lr, dp,
-                       sampling, noise, s.optimizer, progress)
+                       sampling, noise, s.optimizer, progress, micro_batch=s.micro_batch)
     # The training loss and the Poisson batch sizes are functions of the private data
     # that DP does not cover: they stay in the client's log and never reach the server.
     log.info("client %s round %d: %d steps (%d empty), loss %.3f, sigma %.3f, epsilon %.3f, "
@@ -182,7 +217,7 @@ def train_round(s: ClientSettings, arrays: dict[str, np.ndarray]) -> tuple[dict,
         "energy-j": meter.reading.joules,
         "peak-rss-mb": peak_rss_mb(),
     }
-    return session.sent_part(s), metrics, _info(session, meter.reading.method)
+    return session.encoded_update(s, arrays), metrics, _info(session, meter.reading.method)
 
 
 def _charge(s: ClientSettings, session: Session, q: float) -> RoundPlan:
@@ -231,14 +266,17 @@ def evaluate_round(s: ClientSettings, arrays: dict[str, np.ndarray]) -> tuple[di
     session = Session.get(s)
     session.load_global(arrays, s)
     initial = {} if arrays else model_mod.get_adapter(session.model)
+    started = time.perf_counter()
     with session.energy_meter() as meter:
         sums = evaluate(session.model, session.heldout)
+    seconds = time.perf_counter() - started
     eps = spent_epsilon(s.resolved_state_dir(session.client) / LEDGER_FILE, s.delta)
     metrics = {
         "num-examples": len(session.heldout),
         "eval-loss-sum": sums.loss_sum,
         "eval-tokens": sums.tokens,
         "eval-correct": sums.correct,
+        "eval-seconds": seconds,
         "epsilon": _finite_or_flag(eps),
         "delta": s.delta,
         "energy-j": meter.reading.joules,

@@ -11,7 +11,8 @@ from client.profiles import profile
 
 # Keys a SuperNode may set in its node config (they win over the server's config).
 NODE_KEYS = ("data", "partition-id", "client", "state-dir", "quantization", "device", "threads",
-             "budget-epsilon", "budget-delta", "device-profile", "cache-dir", "lora-r")
+             "budget-epsilon", "budget-delta", "device-profile", "cache-dir", "lora-r",
+             "micro-batch-tokens")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class ClientSettings:
     state_root: str
     seq_len: int
     batch_size: int
+    micro_batch: int  # 0: the whole drawn batch in one forward/backward
     local_steps: int
     lr: float
     optimizer: str
@@ -51,6 +53,7 @@ class ClientSettings:
     cache_dir: str
     canary_file: str  # set by an empirical audit run: canaries to plant in partition 0
     strategy: str
+    update_encoding: str
     dropout_rate: float  # simulation only: the chance that this client fails a round
 
     @classmethod
@@ -87,6 +90,7 @@ class ClientSettings:
             state_root=str(get("state-root", "")),
             seq_len=int(get("seq-len")),
             batch_size=int(get("batch-size")),
+            micro_batch=micro_batch(int(get("micro-batch-tokens", 0)), int(get("seq-len"))),
             local_steps=int(get("local-steps")),
             lr=float(get("lr")),
             optimizer=str(get("optimizer", "adamw")),
@@ -107,6 +111,7 @@ class ClientSettings:
             cache_dir=str(get("cache-dir", "")),
             canary_file=str(get("canary-file", "")),
             strategy=strategy,
+            update_encoding=str(get("update-encoding", "float32")),
             dropout_rate=float(get("dropout-rate", 0.0)),
         )
 
@@ -117,6 +122,11 @@ class ClientSettings:
             return Path(self.state_root) / client
         base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
         return Path(base) / "fedslm" / client
+
+
+def micro_batch(tokens: int, seq_len: int) -> int:
+    """Sequences per forward/backward for a `micro-batch-tokens` budget (0: no limit)."""
+    return max(1, tokens // seq_len) if tokens > 0 else 0
 
 
 def _positive_or_none(value: Any) -> float | None:

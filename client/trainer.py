@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from client.data import Examples
+from client.loss import per_sequence_loss
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,48 @@ def sample_rate(num_examples: int, batch_size: int) -> float:
     return min(1.0, batch_size / num_examples)
 
 
-def per_sequence_loss(model, batch: Examples) -> torch.Tensor:
-    """Mean next-token cross-entropy of each sequence, in fp32: shape [B]."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    labels = batch.labels[:, 1:]
-    ce = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
-    )
-    return ce.sum(dim=1) / (labels != -100).sum(dim=1).clamp(min=1)
+def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
+    return (torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if name == "adamw"
+            else torch.optim.SGD(params, lr=lr))
+
+
+def make_private(model, optimizer: torch.optim.Optimizer, dp: DPSettings | None, batch_size: int,
+                 noise: torch.Generator | None = None):
+    """(module to call, optimizer): Opacus' per-sample hooks and DP optimizer under DP,
+    else `model` and `optimizer` unchanged. The caller closes the hooks (`_close()`)."""
+    if dp is None:
+        return model, optimizer
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    forward = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    return forward, DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier,
+                                max_grad_norm=dp.clip_norm, expected_batch_size=batch_size,
+                                loss_reduction="mean", generator=noise)
+
+
+def backward(forward, optimizer: torch.optim.Optimizer, batch: Examples, batch_size: int,
+             private: bool, micro_batch: int = 0, chunked_loss: bool = True) -> torch.Tensor:
+    """Gradients of one drawn batch, `micro_batch` sequences at a time (0: all at once);
+    returns the detached per-sequence losses. Under DP each micro-batch's per-sample
+    gradients are clipped and summed by Opacus (a skipped step), so the caller's
+    `optimizer.step()` adds the noise once, for the whole batch, as without micro-batches."""
+    size = micro_batch if 0 < micro_batch < len(batch) else len(batch)
+    losses = []
+    for start in range(0, len(batch), size):
+        part = batch.select(torch.arange(start, min(start + size, len(batch))))
+        if private and start:
+            optimizer.zero_grad(set_to_none=True)  # keeps the summed clipped gradients
+        per_seq = per_sequence_loss(forward, part, chunked_loss)
+        loss = per_seq.mean() if private else per_seq.sum() / batch_size
+        with warnings.catch_warnings():  # Opacus' hooks on frozen-input LoRA layers
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
+        losses.append(per_seq.detach())
+        if private and start + size < len(batch):
+            optimizer.signal_skip_step(do_skip=True)
+            optimizer.step()  # clip and accumulate this part; no noise, no update yet
+    return torch.cat(losses)
 
 
 def train(
@@ -63,29 +97,20 @@ def train(
     noise: torch.Generator | None = None,
     optimizer_name: str = "adamw",
     progress: Callable[[int, float], None] | None = None,
+    chunked_loss: bool = True,
+    micro_batch: int = 0,
 ) -> TrainResult:
     """Run `steps` optimiser steps on the trainable (LoRA) parameters of `model`.
 
     `progress(step, loss)` is called after each step with data (the loss stays local).
+    `chunked_loss=False` computes the loss from full logits (the reference; slower).
+    `micro_batch` > 0 runs a drawn batch through forward/backward that many sequences at
+    a time (less activation memory; the same update, the same privacy).
     """
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-
     start = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if optimizer_name == "adamw"
-                 else torch.optim.SGD(params, lr=lr))
-    forward = model
-    if dp is not None:
-        forward = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        optimizer = DPOptimizer(
-            optimizer,
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.clip_norm,
-            expected_batch_size=batch_size,
-            loss_reduction="mean",
-            generator=noise,
-        )
+    optimizer = make_optimizer(params, optimizer_name, lr)
+    forward, optimizer = make_private(model, optimizer, dp, batch_size, noise)
     q = sample_rate(len(data), batch_size)
     losses, seen, empty = [], 0, 0
     model.train()
@@ -100,12 +125,9 @@ def train(
                 for p in params:  # a noise-only step keeps the accounting honest
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             else:
-                per_seq = per_sequence_loss(forward, data.select(index))
-                loss = per_seq.mean() if dp is not None else per_seq.sum() / batch_size
-                with warnings.catch_warnings():  # Opacus' hooks on frozen-input LoRA layers
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    loss.backward()
-                losses.append(float(per_seq.detach().mean()))
+                per_seq = backward(forward, optimizer, data.select(index), batch_size,
+                                   dp is not None, micro_batch, chunked_loss)
+                losses.append(float(per_seq.mean()))
                 seen += len(index)
                 if progress:
                     progress(step, losses[-1])
@@ -113,7 +135,7 @@ def train(
     finally:
         model.eval()
         optimizer.zero_grad(set_to_none=True)
-        if dp is not None:
+        if forward is not model:
             forward._close()  # remove Opacus' hooks: the model is reused next round
     mean_loss = sum(losses) / len(losses) if losses else math.nan
     return TrainResult(steps, q, mean_loss, seen, empty, time.perf_counter() - start)

@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from client import codec
 from privacy.accountant import epsilon
 from privacy.ledger import Entry, Ledger
 from server.central_dp import dp_fedavg
@@ -135,6 +136,7 @@ def _client_row(status: str, r: Reply, ev: Reply | None) -> dict[str, Any]:
         "budget_epsilon": m.get("budget-epsilon") or None,
         "num_examples": int(m.get("num-examples", 0)),
         "train_seconds": m.get("train-seconds", 0.0),
+        "eval_seconds": e.get("eval-seconds", 0.0),
         "noise_multiplier": m.get("noise-multiplier"),
         "sample_rate": m.get("sample-rate"),
         "steps": int(m.get("steps", 0)),
@@ -311,6 +313,8 @@ class Federation:
         if refused and len(refused) == len(replies) and not failures:
             return [], refused, failures, down
         updates = [r for r in replies if r not in refused]
+        for r in updates:
+            self._decode(r)
         try:
             trained = _accept(updates, failures, self._expected, rnd,
                               self.config["max-update-norm"], self.config["min-replies"])
@@ -325,6 +329,16 @@ class Federation:
         self.arrays = self._aggregate(rnd, trained, q)
         save_adapter(self.run_dir / "adapter", self.arrays, self.adapter_config)
         return trained, refused, failures, down
+
+    def _decode(self, reply: Reply) -> None:
+        """An int8-delta update becomes the adapter it encodes (client/codec.py); one
+        that does not decode keeps its raw tensors, which validation then rejects."""
+        values, scales = codec.unpack(reply.arrays)
+        try:
+            reply.arrays = codec.decode(values, scales, self._expected(values))
+        except codec.CodecError as exc:
+            reply.arrays = values
+            reply.info["codec-error"] = str(exc)
 
     def _expected(self, update: Arrays) -> Arrays:
         """What a valid update looks like: the adapter sent (HetLoRA: cut to its rank)."""
@@ -429,7 +443,8 @@ def _accept(replies: list[Reply], failures: list[dict[str, Any]],
     `failures` with its node and reason. Fewer than `min_replies` ends the run."""
     accepted = []
     for reply in replies:
-        problem = problems_with(reply.arrays, expected(reply.arrays), max_norm)
+        problem = reply.info.get("codec-error") or \
+            problems_with(reply.arrays, expected(reply.arrays), max_norm)
         if problem:
             log.warning("round %d: rejected update from node %s (%s): %s", rnd, reply.node,
                         reply.client, problem)

@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "max-update-norm": 0.0,
     "resume": "",
     "strategy": "fedavg",
+    "update-encoding": "int8-delta",
     "clients-per-round": 0,
     "eval-clients": 0,
     "dropout-rate": 0.0,
@@ -45,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     # local training
     "local-steps": 10,
     "batch-size": 16,
+    "micro-batch-tokens": 512,
     "lr": 0.01,
     "optimizer": "adamw",
     # differential privacy (per client, sample level)
@@ -71,7 +73,8 @@ POSITIVE = {"num-server-rounds", "num-clients", "client-cpus", "lora-r", "lora-a
             "max-eval-seqs", "local-steps", "batch-size", "lr", "target-epsilon", "clip-norm",
             "round-timeout", "central-clip-norm", "node-wait", "min-replies"}
 CHOICES = {"quantization": ("auto", "nf4", "int8", "none"), "optimizer": ("adamw", "sgd"),
-           "strategy": ("fedavg", "ffa-lora", "hetlora")}
+           "strategy": ("fedavg", "ffa-lora", "hetlora"),
+           "update-encoding": ("float32", "int8-delta")}
 
 
 class ConfigError(ValueError):
@@ -119,7 +122,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, "
                               f"got {out[key]!r}")
     for key in ("budget-epsilon", "budget-delta", "central-noise-multiplier", "audit-canaries",
-                "max-update-norm", "clients-per-round", "eval-clients"):
+                "max-update-norm", "clients-per-round", "eval-clients", "micro-batch-tokens"):
         if out[key] < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {out[key]!r}")
     if out["min-replies"] > out["num-clients"]:

@@ -34,7 +34,7 @@ def test_a_round_changes_the_adapter_and_the_aggregate_round_trips_through_peft(
     initial = model_mod.get_adapter(_lora(tiny_model))
     updates = []
     for partition in (0, 1):
-        Session._current = None
+        Session.forget()
         s = client_settings(tiny_model, text_clients, tmp_path / "state", partition_id=partition,
                             lora_r=4)
         arrays, metrics, info = train_round(s, {})

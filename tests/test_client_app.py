@@ -6,8 +6,9 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.app import evaluate, train
-from client.rounds import Session
+from client.rounds import Session, evaluate_round, train_round
 from server.config import DEFAULTS
+from tests.helpers import client_settings
 
 INFO_KEYS = {"client", "status", "energy-method", "quantization", "quantization-reason",
              "compute-dtype", "adapter-config"}
@@ -22,7 +23,7 @@ def _message(kind: str, config: dict) -> Message:
 
 
 def test_replies_carry_only_the_adapter_and_scalars(tiny_model, text_clients, tmp_path):
-    Session._current = None
+    Session.forget()
     config = {**DEFAULTS, "model": str(tiny_model), "data": str(text_clients), "seq-len": 32,
               "batch-size": 4, "local-steps": 2, "lora-r": 4, "server-round": 1,
               "state-root": str(tmp_path)}
@@ -45,4 +46,40 @@ def test_replies_carry_only_the_adapter_and_scalars(tiny_model, text_clients, tm
     assert set(reply.content.keys()) == {"metrics", "info", "arrays"}  # given none: the init
     assert all(not v.numpy().any() for k, v in reply.content["arrays"].items() if "lora_B" in k)
     assert reply.content["metrics"]["epsilon"] > 0  # read back from the ledger
-    Session._current = None
+    Session.forget()
+
+
+def test_a_trained_reply_is_an_int8_change_with_its_scales(tiny_model, text_clients, tmp_path):
+    Session.forget()
+    config = {**DEFAULTS, "model": str(tiny_model), "data": str(text_clients), "seq-len": 32,
+              "batch-size": 4, "local-steps": 2, "lora-r": 4, "server-round": 1,
+              "state-root": str(tmp_path)}
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config={})
+    initial = evaluate(_message(MessageType.EVALUATE, config), context).content["arrays"]
+    message = _message(MessageType.TRAIN, config)
+    message.content["arrays"] = initial
+    arrays = {k: v.numpy() for k, v in train(message, context).content["arrays"].items()}
+    values = {k for k in arrays if not k.endswith("#scale")}
+    assert values == set(initial.keys())
+    assert all(arrays[k].dtype == np.int8 for k in values)
+    assert all(arrays[k + "#scale"].dtype == np.float32 for k in values)
+    Session.forget()
+
+
+def test_one_process_serves_clients_in_turn_with_one_model(tiny_model, text_clients, tmp_path):
+    """A simulation actor switching clients keeps its model; each client's results are
+    those of a fresh process (the adapter is overwritten before every use)."""
+    s0 = client_settings(tiny_model, text_clients, tmp_path, partition_id=0, lora_r=4)
+    s1 = client_settings(tiny_model, text_clients, tmp_path, partition_id=1, lora_r=4)
+    Session.forget()
+    initial, _, _ = evaluate_round(s0, {})
+    model = Session._model[1][0]
+    train_round(s0, initial)  # client 0's trained adapter is now in the shared model
+    _, shared, info = evaluate_round(s1, initial)
+    assert Session._model[1][0] is model and info["client"] == "client-1"
+    Session.forget()
+    _, fresh, _ = evaluate_round(s1, initial)
+    assert shared["eval-loss-sum"] == fresh["eval-loss-sum"]
+    assert shared["eval-correct"] == fresh["eval-correct"]
+    Session.forget()

@@ -8,7 +8,8 @@ import torch
 
 from client import data as data_mod
 from client import model as model_mod
-from client.trainer import DPSettings, per_sequence_loss, train
+from client.loss import per_sequence_loss
+from client.trainer import DPSettings, train
 
 FP32 = model_mod.Quantization("none", "float32", "test")
 
@@ -24,11 +25,11 @@ def _examples(tiny_model, text_clients, seq_len=32):
     return data_mod.encode(part, tokenizer, seq_len, max_heldout=8)[0]
 
 
-def _run(tiny_model, examples, dp, steps=3, optimizer="sgd", batch=8, noise_seed=1):
+def _run(tiny_model, examples, dp, steps=3, optimizer="sgd", batch=8, noise_seed=1, micro=0):
     model, _ = _lora_model(tiny_model)
     before = model_mod.get_adapter(model)
     result = train(model, examples, steps, batch, 0.5, dp, torch.Generator().manual_seed(7),
-                   torch.Generator().manual_seed(noise_seed), optimizer)
+                   torch.Generator().manual_seed(noise_seed), optimizer, micro_batch=micro)
     after = model_mod.get_adapter(model)
     return before, after, result
 
@@ -50,9 +51,14 @@ def test_dp_with_no_noise_and_no_clipping_equals_plain_training(tiny_model, text
     assert _max_diff(plain, private) <= (1e-6 if optimizer == "sgd" else 1e-4) * moved
 
 
-def test_per_sample_gradients_match_per_example_autograd(tiny_model, text_clients):
-    """Opacus' per-sample gradients of the LoRA layers equal one backward per example."""
+def test_per_sample_gradients_match_per_example_autograd(tiny_model, text_clients, monkeypatch):
+    """Opacus' per-sample gradients of the LoRA layers equal one backward per example
+    (through the chunked loss, with several chunks per batch)."""
     from opacus import GradSampleModule
+
+    from client import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 50 * 384)
 
     examples = _examples(tiny_model, text_clients).select(torch.arange(4))
     model, _ = _lora_model(tiny_model)
@@ -70,6 +76,18 @@ def test_per_sample_gradients_match_per_example_autograd(tiny_model, text_client
         for i in range(len(examples)):
             torch.testing.assert_close(p.grad_sample[i], expected[i][name], rtol=1e-4, atol=1e-6)
     gsm._close()
+
+
+@pytest.mark.parametrize("dp", [None, DPSettings(1.0, 0.05)], ids=["plain", "dp"])
+def test_micro_batches_give_the_same_update(tiny_model, text_clients, dp):
+    """Splitting each drawn batch (clipping active, noise on) changes memory, not the update."""
+    examples = _examples(tiny_model, text_clients)
+    before, whole, result = _run(tiny_model, examples, dp)
+    _, split, split_result = _run(tiny_model, examples, dp, micro=3)
+    assert result.examples_seen == split_result.examples_seen > 3 * result.steps
+    moved = _max_diff(before, whole)
+    assert moved > 1e-4
+    assert _max_diff(whole, split) <= 1e-5 * moved
 
 
 def test_noise_changes_the_update(tiny_model, text_clients):

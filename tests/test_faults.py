@@ -105,11 +105,12 @@ if mode == "poison":
         reply = train(msg, context)
         part = int(context.node_config["partition-id"])
         arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
-        first = sorted(arrays)[0]
+        # int8-delta updates (the default) carry float scales: poison those
+        floats = [k for k in sorted(arrays) if k.endswith("#scale")] or sorted(arrays)
         if part == 1:
-            arrays[first] = np.full_like(arrays[first], np.nan)
+            arrays[floats[0]] = np.full_like(arrays[floats[0]], np.nan)
         if part == 2:
-            arrays = {k: v * 1e4 for k, v in arrays.items()}
+            arrays = {k: v * 1e4 if k in floats else v for k, v in arrays.items()}
         reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
         return reply
 

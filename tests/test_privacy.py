@@ -43,7 +43,7 @@ def test_cumulative_epsilon_of_a_recreated_client_equals_one_accountant(
 
     reported = []
     for rnd in (1, 2, 3):
-        Session._current = None  # Flower recreates the ClientApp: nothing survives in memory
+        Session.forget()  # Flower recreates the ClientApp: nothing survives in memory
         s = client_settings(tiny_model, text_clients, tmp_path, server_round=rnd, local_steps=3)
         _, metrics, info = train_round(s, {})
         reported.append(metrics["epsilon"])

@@ -13,7 +13,7 @@ from tests.helpers import client_settings
 
 @pytest.mark.parametrize("mode", ["none", "int8", "nf4"])
 def test_each_mode_trains_under_dp(mode, tiny_model, text_clients, tmp_path):
-    Session._current = None
+    Session.forget()
     s = client_settings(tiny_model, text_clients, tmp_path, quantization=mode, lora_r=4)
     initial = model_mod.get_adapter(Session.get(s).model)
     arrays, metrics, info = train_round(s, {})
@@ -24,7 +24,7 @@ def test_each_mode_trains_under_dp(mode, tiny_model, text_clients, tmp_path):
     linear = type(Session.get(s).model.base_model.model.model.layers[0].self_attn.q_proj.base_layer)
     expected = {"none": "Linear", "int8": "Linear8bitLt", "nf4": "Linear4bit"}[mode]
     assert linear.__name__ == expected
-    Session._current = None
+    Session.forget()
 
 
 def test_auto_picks_by_device_and_memory(monkeypatch):

@@ -21,9 +21,9 @@ from privacy.ledger import Ledger
 RUN_KEYS = {"round", "eval_loss", "perplexity", "token_accuracy", "epsilon", "delta",
             "round_seconds", "bytes_up", "bytes_down", "clients", "energy_j",
             "loss_drop_per_kj", "central_epsilon", "dropouts", "failures"}
-CLIENT_KEYS = {"client", "status", "epsilon", "num_examples", "train_seconds", "energy_j",
-               "energy_method", "peak_rss_mb", "bytes_up", "bytes_down", "samples_per_second",
-               "eval_loss", "quantization"}
+CLIENT_KEYS = {"client", "status", "epsilon", "num_examples", "train_seconds", "eval_seconds",
+               "energy_j", "energy_method", "peak_rss_mb", "bytes_up", "bytes_down",
+               "samples_per_second", "eval_loss", "quantization"}
 
 pytestmark = pytest.mark.slow
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from client import codec
 from client import model as model_mod
 from client.rounds import Session, evaluate_round, train_round
 from server.config import ConfigError, validate
@@ -80,11 +81,13 @@ def test_a_rank_r_start_is_the_first_r_rows_of_a_larger_start(tiny_model):
 
 
 def test_ffa_lora_client_trains_and_sends_only_b(tiny_model, text_clients, tmp_path):
-    Session._current = None
+    Session.forget()
     s = client_settings(tiny_model, text_clients, tmp_path, strategy="ffa-lora", lora_r=4,
                         local_steps=3)
     initial, _, _ = evaluate_round(s, {})
-    sent, metrics, _ = train_round(s, sent_part(initial, "ffa-lora"))
+    received = sent_part(initial, "ffa-lora")
+    raw, metrics, _ = train_round(s, received)
+    sent = codec.decode(*codec.unpack(raw), received)  # the default int8-delta encoding
     assert set(sent) == {k for k in initial if ".lora_B." in k}
     assert any(np.abs(v).sum() > 0 for v in sent.values())  # B trained
     after = model_mod.get_adapter(Session._current.model)
@@ -95,7 +98,7 @@ def test_ffa_lora_client_trains_and_sends_only_b(tiny_model, text_clients, tmp_p
     train_round(s2, sent)
     again = model_mod.get_adapter(Session._current.model)
     assert all(np.array_equal(again[k], initial[k]) for k in initial if ".lora_A." in k)
-    Session._current = None
+    Session.forget()
 
 
 def test_hetlora_client_rank_comes_from_its_profile_and_scales_alpha(tiny_model, text_clients,
@@ -110,13 +113,14 @@ def test_hetlora_client_rank_comes_from_its_profile_and_scales_alpha(tiny_model,
                             device_profile="raspberry-pi-5")
     assert plain.lora_r == 8  # other strategies: one rank for all
 
-    Session._current = None
+    Session.forget()
     global_adapter, _, _ = evaluate_round(server, {})
-    Session._current = None
-    sent, _, _ = train_round(pi, global_adapter)  # the rank-8 global cut to rank 2
+    Session.forget()
+    raw, _, _ = train_round(pi, global_adapter)  # the rank-8 global cut to rank 2
+    sent, _ = codec.unpack(raw)
     assert {v.shape[0] for k, v in sent.items() if ".lora_A." in k} == {2}
     assert {v.shape[1] for k, v in sent.items() if ".lora_B." in k} == {2}
-    Session._current = None
+    Session.forget()
 
 
 def test_strategy_settings_are_checked():

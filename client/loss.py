@@ -1,0 +1,138 @@
+"""Next-token cross-entropy without materialising the logits.
+
+The LM head of a small model is its largest layer (SmolLM2-135M: 49,152 x 576),
+and the straightforward loss keeps [batch, seq, vocab] logits in fp32 together with
+their log-softmax and its gradient: hundreds of MB and most of the step's memory
+traffic. Here the head is applied to a few hundred positions at a time; each chunk's
+logits give its loss and, in the same pass, the gradient with respect to the hidden
+states (softmax - one-hot) @ W, so nothing vocabulary-wide outlives its chunk and the
+backward pass is a multiply. The head must be frozen (it is under LoRA), so no
+gradient for its weight is needed. Per-example gradients stay exact, which is what
+Opacus' per-sample hooks on the LoRA layers see.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from client.data import Examples
+
+CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 4M fp32 values = 16 MB
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                chunk: int, with_grad: bool) -> torch.Tensor:
+        loss = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) \
+            if with_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            end = min(start + chunk, hidden.shape[0])
+            logits = (hidden[start:end] @ weight.T).float()
+            target = labels[start:end]
+            valid = target != -100
+            index = target.clamp(min=0).unsqueeze(1)
+            lse = torch.logsumexp(logits, dim=1)
+            loss[start:end] = torch.where(valid, lse - logits.gather(1, index).squeeze(1), 0.0)
+            if grad is not None:
+                probs = logits.sub_(lse.unsqueeze(1)).exp_()
+                probs.scatter_add_(1, index, torch.full_like(lse, -1.0).unsqueeze(1))
+                probs.mul_(valid.unsqueeze(1))
+                grad[start:end] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad if grad is not None else loss.new_empty(0))
+        ctx.hidden_dtype = hidden.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss.unsqueeze(1)).to(ctx.hidden_dtype), None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk: int | None = None) -> torch.Tensor:
+    """Cross-entropy of `labels` [N] (-100: ignored, loss 0) under logits hidden [N, H] @ weight.T.
+
+    Equal to F.cross_entropy(hidden @ weight.T, labels, reduction="none") with fp32
+    softmax; `weight` must not require a gradient.
+    """
+    if weight.requires_grad:
+        raise ValueError("linear_cross_entropy needs a frozen output layer")
+    chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    with_grad = torch.is_grad_enabled() and hidden.requires_grad
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, with_grad)
+
+
+def _parts(model):
+    """(decoder, output weight) when the chunked loss applies to `model`, else None."""
+    inner = getattr(model, "_module", model)  # Opacus' GradSampleModule
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None) \
+            or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or decoder is None \
+            or head.weight.requires_grad or head.weight.dtype not in (torch.float32,
+                                                                      torch.bfloat16,
+                                                                      torch.float16):
+        return None
+    return decoder, head.weight
+
+
+def token_losses(model, batch: Examples, chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy of each next token [B, T-1] in fp32, 0 where unlabelled; label mask).
+
+    `chunked=False` is the straightforward computation (full logits), kept as the
+    reference the chunked one is tested against and as the fallback for heads it
+    does not handle (softcapping, scaled or trainable heads).
+    """
+    batch = batch.trimmed()
+    labels = batch.labels[:, 1:]
+    parts = _parts(model) if chunked else None
+    if parts is None:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
+                             ignore_index=-100, reduction="none")
+        return ce, labels != -100
+    decoder, weight = parts
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    ce = linear_cross_entropy(hidden, weight, labels.reshape(-1))
+    return ce.view_as(labels), labels != -100
+
+
+def per_sequence_loss(model, batch: Examples, chunked: bool = True) -> torch.Tensor:
+    """Mean next-token cross-entropy of each sequence, in fp32: shape [B]."""
+    ce, valid = token_losses(model, batch, chunked)
+    return ce.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+
+
+@torch.no_grad()
+def token_stats(model, batch: Examples, chunked: bool = True) -> tuple[float, int, int]:
+    """(summed cross-entropy, labelled tokens, correctly predicted tokens) of a batch."""
+    batch = batch.trimmed()
+    labels = batch.labels[:, 1:]
+    valid = labels != -100
+    parts = _parts(model) if chunked else None
+    if parts is None:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = logits[:, :-1].float()
+        ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+        return float(ce), int(valid.sum()), int(((logits.argmax(-1) == labels) & valid).sum())
+    decoder, weight = parts
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    flat, mask = labels.reshape(-1), valid.reshape(-1)
+    chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    loss, correct = 0.0, 0
+    for start in range(0, hidden.shape[0], chunk):
+        logits = (hidden[start:start + chunk] @ weight.T).float()
+        target, keep = flat[start:start + chunk], mask[start:start + chunk]
+        ce = torch.logsumexp(logits, 1) - logits.gather(1, target.clamp(min=0)[:, None])[:, 0]
+        loss += float(ce[keep].sum())
+        correct += int(((logits.argmax(1) == target) & keep).sum())
+    return loss, int(valid.sum()), correct
