@@ -10,7 +10,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test bench lint clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+bench: install
+	$(VENV)/bin/fedslm bench
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 USAGE_ERROR = 2
@@ -39,6 +40,20 @@ def _parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="a table of runs side by side")
     cmp.add_argument("runs", nargs="+", help="run directories")
     _deploy_parsers(sub)
+    bench = sub.add_parser("bench", help="measure the client's training step (plain vs DP, "
+                           "per quantization), update sizes and the federation overhead; "
+                           "writes BENCHMARKS.md")
+    bench.add_argument("--out", default="BENCHMARKS.md", help="markdown report ('' for none)")
+    bench.add_argument("--json", help="also write the raw results as JSON")
+    bench.add_argument("--steps", type=int, default=6, help="timed steps per case")
+    bench.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    bench.add_argument("--model", default="embedded", help="model source, as for simulate")
+    bench.add_argument("--data", default="embedded", help="data source, as for simulate")
+    bench.add_argument("--case", action="append", default=[],
+                       help="run only this case (repeatable; names as in the table)")
+    bench.add_argument("--quick", action="store_true",
+                       help="one step per case and a one-round simulation: checks that "
+                            "everything runs; the numbers mean nothing")
     return parser
 
 
@@ -161,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("certs", "superlink", "supernode"):
         return _deploy(args)
     _setup_logging(getattr(args, "verbose", False))
-    if args.command in ("simulate", "sweep"):
+    if args.command in ("simulate", "sweep", "bench"):
         import importlib.util
 
         if importlib.util.find_spec("ray") is None:
@@ -188,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
 
             sweep(Path(args.config), Path(args.out))
             return 0
+        if args.command == "bench":
+            return _bench(args)
         return _simulate(args)
     except (ConfigError, DataError, ModelError, LedgerError, ProfileError,
             CheckpointError) as exc:
@@ -196,6 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     except FederationError as exc:
         print(f"fedslm: run failed: {exc}", file=sys.stderr)
         return RUN_FAILED
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from simulations.bench import BenchConfig, main
+
+    cfg = BenchConfig(model=args.model, data=args.data, steps=args.steps, threads=args.threads,
+                      quick=args.quick, cases=args.case)
+    command = "fedslm " + " ".join(sys.argv[1:] if sys.argv[1:2] == ["bench"] else ["bench"])
+    return main(cfg, Path(args.out) if args.out else None,
+                Path(args.json) if args.json else None, command)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,392 @@
+"""`fedslm bench`: the client's speed and memory, the update's size, the federation's
+overhead, measured side by side on this machine; prints a markdown report and writes it
+to BENCHMARKS.md.
+
+Each training case runs in a fresh process (simulations/bench_step.py), so that its
+peak memory is its own. Step times are medians over `steps` timed steps after warm-up,
+on fixed batches of `batch` sequences of `seq_len` tokens from the embedded data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from client.settings import micro_batch
+
+
+@dataclass
+class BenchConfig:
+    model: str = "embedded"
+    data: str = "embedded"
+    seq_len: int = 128
+    batch: int = 8
+    threads: int = 2
+    lora_r: int = 8
+    micro_batch_tokens: int = 512  # the client default's memory lever (server/config.py)
+    steps: int = 6
+    warmup: int = 1
+    quick: bool = False  # structure only: one step per case, a tiny round
+    cases: list[str] = field(default_factory=list)  # names to run (default: all)
+
+
+# (name, quantization, dtype, dp, loss, micro-batch?, threads override)
+CASES = [
+    ("fp32 LoRA, HF loss (baseline)", "none", "float32", False, "hf", False, 0),
+    ("fp32 LoRA, chunked loss", "none", "float32", False, "chunked", False, 0),
+    ("fp32 DP-LoRA, chunked loss", "none", "float32", True, "chunked", False, 0),
+    ("bf16 LoRA, full-logits loss", "none", "bfloat16", False, "full", False, 0),
+    ("bf16 DP-LoRA, full-logits loss", "none", "bfloat16", True, "full", False, 0),
+    ("bf16 LoRA, chunked loss", "none", "bfloat16", False, "chunked", False, 0),
+    ("bf16 DP-LoRA, chunked loss", "none", "bfloat16", True, "chunked", False, 0),
+    ("bf16 LoRA, chunked, micro-batch", "none", "bfloat16", False, "chunked", True, 0),
+    ("bf16 DP-LoRA, chunked, micro-batch (client default)", "none", "bfloat16", True,
+     "chunked", True, 0),
+    ("bf16 DP-LoRA, chunked, micro-batch, 1 thread", "none", "bfloat16", True, "chunked",
+     True, 1),
+    ("int8 (bitsandbytes) LoRA, chunked, micro-batch", "int8", "bfloat16", False, "chunked",
+     True, 0),
+    ("int8 (bitsandbytes) DP-LoRA, chunked, micro-batch", "int8", "bfloat16", True, "chunked",
+     True, 0),
+    ("nf4 (bitsandbytes) LoRA, chunked, micro-batch", "nf4", "bfloat16", False, "chunked",
+     True, 0),
+    ("nf4 (bitsandbytes) DP-LoRA, chunked, micro-batch", "nf4", "bfloat16", True, "chunked",
+     True, 0),
+]
+BASELINE = CASES[0][0]
+DEFAULT = CASES[8][0]
+PAIRED = (CASES[8][0], CASES[2][0])  # DP overhead measured step by step in one process
+DP_PAIRS = [(CASES[1][0], CASES[2][0]), (CASES[3][0], CASES[4][0]), (CASES[5][0], CASES[6][0]),
+            (CASES[7][0], CASES[8][0]), (CASES[10][0], CASES[11][0]),
+            (CASES[12][0], CASES[13][0])]
+
+
+def _case(cfg: BenchConfig, name: str, quant: str, dtype: str, dp: bool, loss: str,
+          micro: bool, threads: int) -> dict[str, Any]:
+    return {"name": name, "model": cfg.model, "data": cfg.data, "quantization": quant,
+            "dtype": dtype, "dp": dp, "loss": loss, "seq_len": cfg.seq_len, "batch": cfg.batch,
+            "micro_batch": micro_batch(cfg.micro_batch_tokens, cfg.seq_len) if micro else 0,
+            "threads": threads or cfg.threads,
+            "lora_r": cfg.lora_r, "warmup": cfg.warmup, "steps": cfg.steps, "flops": True}
+
+
+def _run_cases(cases: list[dict[str, Any]], threads: int) -> list[dict[str, Any]]:
+    """Run `cases` in one fresh process; a failure is reported for each case it left."""
+    out = subprocess.run([sys.executable, "-m", "simulations.bench_step", json.dumps(cases)],
+                         capture_output=True, text=True, env=_quiet_env(threads))
+    done = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+    return done + [{**c, "error": last} for c in cases[len(done):]]
+
+
+def _quiet_env(threads: int) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+
+
+def matmul_peak(dtype_name: str, threads: int, n: int = 1536, seconds: float = 2.0) -> float:
+    """Dense matmul FLOP/s this machine reaches with `threads` threads (the MFU denominator)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = n * 4 if device == "cuda" else n
+    dtype = getattr(torch, dtype_name)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def update_sizes(cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Bytes a client sends per round, per strategy and encoding, from real encoded updates
+    of the model's adapter (sizes do not depend on the values)."""
+    import numpy as np
+    import torch
+    from flwr.app import Array, ArrayRecord
+
+    from client import codec
+    from client import model as model_mod
+    from server.app import payload_bytes
+
+    source = model_mod.prepare_base(cfg.model)
+    base, _ = model_mod.load_base(source, model_mod.Quantization("none", "float32", "bench"),
+                                  torch.device("cpu"))
+    full = {name: sum(p.numel() for p in base.parameters()) * size
+            for name, size in (("bf16", 2), ("fp32", 4))}
+    rows = []
+    for strategy, rank in (("fedavg", cfg.lora_r), ("ffa-lora", cfg.lora_r), ("hetlora", 2)):
+        model = model_mod.attach_lora(base, rank, 2.0 * rank, 0.0, ["q_proj", "v_proj"], 0)
+        adapter = model_mod.get_adapter(model)
+        base = model.unload()
+        if strategy == "ffa-lora":
+            adapter = {k: v for k, v in adapter.items() if ".lora_A." not in k}
+        trained = {k: v + np.float32(1e-3) for k, v in adapter.items()}
+        for encoding in codec.ENCODINGS:
+            record = codec.pack(*codec.encode(trained, adapter, encoding))
+            sent = payload_bytes(ArrayRecord({k: Array(v) for k, v in record.items()}))
+            rows.append({"strategy": strategy + (f" (rank {rank})" if strategy == "hetlora"
+                                                 else ""), "encoding": encoding, "bytes": sent,
+                         "values": sum(v.size for v in adapter.values()),
+                         "ratio_bf16": full["bf16"] / sent, "ratio_fp32": full["fp32"] / sent})
+    return rows
+
+
+def federation_overhead(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
+    """A simulated federation (2 clients, one at a time with all threads, 3 rounds): each
+    round's wall time against the sum of its clients' training and evaluation time."""
+    from server.records import read_metrics
+    from simulations.engine import simulate
+
+    overrides = {"model": cfg.model, "data": cfg.data, "num-clients": 2,
+                 "num-server-rounds": 1 if cfg.quick else 3, "local-steps": 1 if cfg.quick else 6,
+                 "seq-len": cfg.seq_len, "batch-size": cfg.batch,
+                 "micro-batch-tokens": cfg.micro_batch_tokens,
+                 "client-cpus": cfg.threads, "max-eval-seqs": 8, "out": str(workdir)}
+    run_dir = simulate(overrides, echo=lambda line: None)
+    rounds = []
+    for line in read_metrics(run_dir):
+        compute = sum(c["train_seconds"] + c.get("eval_seconds", 0.0) for c in line["clients"])
+        rounds.append({"round": line["round"], "wall_s": line["round_seconds"],
+                       "compute_s": compute, "overhead": 1 - compute / line["round_seconds"]})
+    return {"config": overrides, "rounds": rounds}
+
+
+def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    if cfg.quick:
+        cfg.steps, cfg.warmup = 1, 0
+    chosen = [_case(cfg, *c) for c in CASES if not cfg.cases or c[0] in cfg.cases]
+    paired = [{**_case(cfg, *c), "paired": True} for c in CASES if c[0] in PAIRED]
+    if cfg.quick:  # one process for all: peak memory is not measured apart
+        results = _run_cases(chosen + paired, cfg.threads)
+    else:
+        results = []
+        for case in chosen + paired:
+            echo(f"bench: {case['name']}{' (paired)' if case.get('paired') else ''} ...")
+            results += _run_cases([case], case["threads"])
+    results, paired_results = ([r for r in results if not r.get("paired")],
+                               [r for r in results if r.get("paired")])
+    peaks = {d: matmul_peak(d, cfg.threads, n=256 if cfg.quick else 1536,
+                            seconds=0.2 if cfg.quick else 2.0) for d in ("float32", "bfloat16")}
+    echo("bench: update sizes ...")
+    sizes = update_sizes(cfg)
+    echo("bench: federation overhead (a simulated run) ...")
+    with tempfile.TemporaryDirectory() as tmp:
+        overhead = federation_overhead(cfg, Path(tmp))
+    return {"config": cfg.__dict__, "machine": machine(), "steps": results,
+            "paired": paired_results, "peaks": peaks,
+            "sizes": sizes, "overhead": overhead}
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "memory_gib": mem,
+            "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__}
+
+
+TARGETS = {"dp_overhead": 1.10, "peak_mb": 1536, "speedup": 2.0, "compression": 500,
+           "federation_overhead": 0.15}
+
+
+def _by_name(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in result["steps"] if "error" not in r}
+
+
+def headline(result: dict[str, Any]) -> dict[str, float | None]:
+    """The figures the targets are about (None where a case did not run)."""
+    steps = _by_name(result)
+    base, default = steps.get(BASELINE), steps.get(DEFAULT)
+    paired = next((r for r in result["paired"] if r["name"] == DEFAULT and "error" not in r),
+                  None)
+    fedavg = next((s for s in result["sizes"]
+                   if s["strategy"] == "fedavg" and s["encoding"] == "int8-delta"), None)
+    later = [r["overhead"] for r in result["overhead"]["rounds"] if r["round"] >= 2] or \
+        [r["overhead"] for r in result["overhead"]["rounds"]]
+    return {
+        "dp_overhead": paired["ratio"] if paired else None,
+        "peak_mb": default["peak_train_mb"] if default else None,
+        "speedup": default["samples_per_s"] / base["samples_per_s"] if default and base
+        else None,
+        "compression": fedavg["ratio_bf16"] if fedavg else None,
+        "federation_overhead": sum(later) / len(later) if later else None,
+    }
+
+
+def render(result: dict[str, Any], command: str) -> str:
+    cfg, m = result["config"], result["machine"]
+    micro = micro_batch(cfg["micro_batch_tokens"], cfg["seq_len"])
+    out = ["# Benchmarks", "",
+           f"Measured with `{command}` on {time.strftime('%Y-%m-%d')}: {m['cpu']}, "
+           f"{m['cores']} cores, {m['memory_gib']:.0f} GiB, GPU {m['gpu']}; Python "
+           f"{m['python']}, torch {m['torch']}. Model `{cfg['model']}` (SmolLM2-135M unless "
+           f"set), LoRA r={cfg['lora_r']} on q_proj,v_proj, batch {cfg['batch']} x "
+           f"{cfg['seq_len']} tokens, {cfg['threads']} threads, micro-batches of {micro} "
+           f"sequences ({cfg['micro_batch_tokens']} tokens) where the case says so; median of "
+           f"{cfg['steps']} steps after warm-up, each case in a fresh process."
+           + (" **Quick mode: one step, numbers meaningless.**" if cfg["quick"] else ""),
+           "", LEVERS, ""]
+    out += _targets_table(result) + [""] + _steps_table(result) + [""] + _dp_table(result)
+    out += [""] + _sizes_table(result) + [""] + _overhead_table(result)
+    return "\n".join(out) + "\n"
+
+
+LEVERS = """What the cases vary:
+- **loss**: `hf` is what `model(..., labels=...)` computes (full fp32 logits, then
+  cross-entropy); `full-logits` is fedslm's per-sequence loss over full logits; `chunked`
+  applies the frozen LM head a few hundred positions at a time and takes the gradient in
+  the same pass (client/loss.py), so no [batch, seq, vocab] tensor is kept.
+- **dtype / quantization**: the frozen base in fp32, bf16, or bitsandbytes int8 / NF4
+  (bf16 compute); the LoRA weights stay fp32.
+- **micro-batch**: a drawn batch goes through forward/backward a few sequences at a time;
+  under DP Opacus clips and sums each part and adds the noise once (the same update and
+  privacy, less activation memory).
+- **threads**: torch threads of the training process.
+
+Separate processes on a shared machine drift: compare ratios from the paired table where
+one is given."""
+
+
+def _ok(value: float | None, target: float, lower: bool) -> str:
+    if value is None:
+        return "not measured"
+    return "met" if (value <= target if lower else value >= target) else "**not met**"
+
+
+def _targets_table(result: dict[str, Any]) -> list[str]:
+    h, t = headline(result), TARGETS
+    fmt = (lambda v, f: "n/a" if v is None else f.format(v))  # noqa: E731
+    return [
+        "## Targets (default client configuration)", "",
+        "| target | measured | |", "|---|---|---|",
+        f"| DP overhead <= {t['dp_overhead']:.2f}x plain LoRA | "
+        f"{fmt(h['dp_overhead'], '{:.2f}x')} | {_ok(h['dp_overhead'], t['dp_overhead'], True)} |",
+        f"| client peak memory while training <= {t['peak_mb'] / 1024:.1f} GiB | "
+        f"{fmt(h['peak_mb'], '{:.0f} MiB')} | {_ok(h['peak_mb'], t['peak_mb'], True)} |",
+        f"| samples/s >= {t['speedup']:.0f}x fp32 LoRA with HF's loss | "
+        f"{fmt(h['speedup'], '{:.2f}x')} | {_ok(h['speedup'], t['speedup'], False)} |",
+        f"| bytes per client and round >= {t['compression']}x smaller than the model (bf16) | "
+        f"{fmt(h['compression'], '{:.0f}x')} | "
+        f"{_ok(h['compression'], t['compression'], False)} |",
+        f"| federation overhead <= {t['federation_overhead']:.0%} of a round (simulation) | "
+        f"{fmt(h['federation_overhead'], '{:.1%}')} | "
+        f"{_ok(h['federation_overhead'], t['federation_overhead'], True)} |",
+    ]
+
+
+def _steps_table(result: dict[str, Any]) -> list[str]:
+    base = _by_name(result).get(BASELINE)
+    rows = ["## Training step", "",
+            "| case | s/step | samples/s | vs baseline | CPU s/step | peak RSS training (MiB) "
+            "| GFLOP/step | MFU |", "|---|---|---|---|---|---|---|---|"]
+    # torch's counter misses bitsandbytes' 4-bit matmuls: a quantized base does the same
+    # model FLOPs as the float one, so MFU uses the most any case counted
+    model_flops = max((r["flops_per_step"] for r in result["steps"] if "error" not in r),
+                      default=0)
+    for r in result["steps"]:
+        if "error" in r:
+            rows.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | | |")
+            continue
+        peak = result["peaks"]["float32" if r["dtype"] == "float32" else "bfloat16"]
+        peak *= r["threads"] / result["config"]["threads"]
+        mfu = model_flops / r["step_s"] / peak
+        speed = r["samples_per_s"] / base["samples_per_s"] if base else float("nan")
+        gpu = f" (GPU {r['gpu_peak_mb']:.0f})" if r.get("gpu_peak_mb") else ""
+        rows.append(f"| {r['name']} | {r['step_s']:.2f} | {r['samples_per_s']:.2f} | "
+                    f"{speed:.2f}x | {r['cpu_s_per_step']:.2f} | {r['peak_train_mb']:.0f}{gpu} | "
+                    f"{r['flops_per_step'] / 1e9:.0f} | {mfu:.0%} |")
+    p = result["peaks"]
+    rows += ["", f"MFU: FLOPs counted by `torch.utils.flop_counter` on one step, over the "
+             f"dense-matmul rate measured here with the same threads (fp32 "
+             f"{p['float32'] / 1e9:.0f} GFLOP/s, bf16 {p['bfloat16'] / 1e9:.0f} GFLOP/s; "
+             "1-thread cases against half of it). GFLOP/step is what the counter saw; it "
+             "misses bitsandbytes' 4-bit matmuls, so MFU divides the model's "
+             f"{model_flops / 1e9:.0f} GFLOP per step for every case."]
+    return rows
+
+
+def _dp_table(result: dict[str, Any]) -> list[str]:
+    steps = _by_name(result)
+    rows = ["## DP overhead (Opacus per-sample gradients, clipping, noise)", "",
+            "Plain and DP steps alternated on one model in one process (the target's figure):",
+            "", "| configuration | plain s/step | DP s/step | DP / plain |", "|---|---|---|---|"]
+    for r in result["paired"]:
+        if "error" in r:
+            rows.append(f"| {r['name']} | failed: {r['error'][:120]} | | |")
+        else:
+            rows.append(f"| {r['name']} | {r['plain_s']:.2f} | {r['dp_s']:.2f} | "
+                        f"{r['ratio']:.2f}x |")
+    rows += ["", "The same pairs from the separate processes of the table above (these carry "
+             "the drift between processes too):", "",
+             "| pair | plain s/step | DP s/step | DP / plain | plain peak MiB | DP peak MiB |",
+             "|---|---|---|---|---|---|"]
+    for plain, private in DP_PAIRS:
+        if plain in steps and private in steps:
+            a, b = steps[plain], steps[private]
+            rows.append(f"| {private} | {a['step_s']:.2f} | {b['step_s']:.2f} | "
+                        f"{b['step_s'] / a['step_s']:.2f}x | {a['peak_train_mb']:.0f} | "
+                        f"{b['peak_train_mb']:.0f} |")
+    return rows
+
+
+def _sizes_table(result: dict[str, Any]) -> list[str]:
+    rows = ["## Bytes a client sends per round", "",
+            "| strategy | encoding | adapter values | bytes | x smaller than the model in bf16 "
+            "| in fp32 |", "|---|---|---|---|---|---|"]
+    for s in result["sizes"]:
+        rows.append(f"| {s['strategy']} | {s['encoding']} | {s['values']:,} | {s['bytes']:,} | "
+                    f"{s['ratio_bf16']:.0f}x | {s['ratio_fp32']:.0f}x |")
+    rows += ["", "Payload bytes of the reply's ArrayRecord as the server counts them; "
+             "int8-delta adds one float32 scale per 128 values."]
+    return rows
+
+
+def _overhead_table(result: dict[str, Any]) -> list[str]:
+    o = result["overhead"]
+    c = o["config"]
+    rows = ["## Federation overhead (simulation)", "",
+            f"`fedslm simulate` with {c['num-clients']} clients run one at a time "
+            f"(client-cpus {c['client-cpus']}), {c['local-steps']} local steps, DP on; round 0 "
+            "only evaluates. Overhead = 1 - (sum of the clients' training and evaluation "
+            "seconds) / round wall time.", "",
+            "| round | wall s | clients' compute s | overhead |", "|---|---|---|---|"]
+    for r in o["rounds"]:
+        rows.append(f"| {r['round']} | {r['wall_s']:.1f} | {r['compute_s']:.1f} | "
+                    f"{r['overhead']:.1%} |")
+    return rows
+
+
+def main(cfg: BenchConfig, out: Path | None, json_out: Path | None, command: str) -> int:
+    result = run_bench(cfg)
+    text = render(result, command)
+    print(text)
+    if out:
+        out.write_text(text)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1))
+    failed = [r["name"] for r in result["steps"] if "error" in r]
+    return 1 if failed else 0

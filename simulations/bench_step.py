@@ -1,0 +1,162 @@
+"""One benchmark case in a process of its own: load, warm up, time training steps.
+
+Run by `fedslm bench` as `python -m simulations.bench_step '<json list of cases>'`;
+prints a JSON line per case. The full benchmark gives each case a fresh process, so
+that its peak-memory figure is its own; the quick mode runs them all in one.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client import data as data_mod
+from client import model as model_mod
+from client.trainer import DPSettings, backward, make_optimizer, make_private
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> None:
+    try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _batches(case: dict[str, Any], tokenizer) -> list[data_mod.Examples]:
+    part = data_mod.partition(case["data"], 0)
+    examples = data_mod.encode_all(part, tokenizer, case["seq_len"])
+    b = case["batch"]
+    count = max(1, min(len(examples) // b, 8))
+    return [examples.select(torch.arange(i * b, (i + 1) * b) % len(examples))
+            for i in range(count)]
+
+
+def _hf_loss(model, batch: data_mod.Examples) -> torch.Tensor:
+    """What a plain Hugging Face fine-tune computes: full fp32 logits, mean token loss."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 labels=batch.labels).loss
+
+
+def run(case: dict[str, Any]) -> dict[str, Any]:
+    torch.manual_seed(0)
+    torch.set_num_threads(case["threads"])
+    started = time.perf_counter()
+    source = model_mod.prepare_base(case["model"])
+    device = model_mod.pick_device(case.get("device", "auto"))
+    quant = model_mod.Quantization(case["quantization"], case["dtype"], "bench")
+    base, tokenizer = model_mod.load_base(source, quant, device)
+    model = model_mod.attach_lora(base, case["lora_r"], 2.0 * case["lora_r"], 0.0,
+                                  ["q_proj", "v_proj"], 0)
+    batches = [b.to(device) for b in _batches(case, tokenizer)]
+    load_seconds = time.perf_counter() - started
+    rss_loaded = _rss_mb("VmRSS")
+    params = [p for p in model.parameters() if p.requires_grad]
+    dp = DPSettings(1.0, 1.0) if case["dp"] else None
+    forward, optimizer = make_private(model, make_optimizer(params, "adamw", 1e-4), dp,
+                                      case["batch"], torch.Generator().manual_seed(1))
+
+    def step(i: int) -> None:
+        batch = batches[i % len(batches)]
+        optimizer.zero_grad(set_to_none=True)
+        if case["loss"] == "hf":
+            _hf_loss(forward, batch).backward()
+        else:
+            backward(forward, optimizer, batch, case["batch"], dp is not None,
+                     case.get("micro_batch", 0), case["loss"] == "chunked")
+        optimizer.step()
+
+    model.train()
+    _reset_peak()
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    for i in range(case["warmup"]):
+        step(i)
+    flops = _count_flops(step) if case.get("flops") else 0
+    times, cpu = [], time.process_time()
+    for i in range(case["steps"]):
+        t0 = time.perf_counter()
+        step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    cpu = time.process_time() - cpu
+    seconds = sorted(times)[len(times) // 2]
+    return {
+        **case,
+        "step_s": seconds,
+        "step_s_mean": sum(times) / len(times),
+        "cpu_s_per_step": cpu / len(times),
+        "samples_per_s": case["batch"] / seconds,
+        "flops_per_step": flops,
+        "peak_train_mb": _rss_mb("VmHWM"),
+        "peak_process_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_loaded_mb": rss_loaded,
+        "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0,
+        "load_s": load_seconds,
+        "trainable": sum(p.numel() for p in params),
+    }
+
+
+def run_paired(case: dict[str, Any]) -> dict[str, Any]:
+    """Plain and DP steps alternated on one model in one process, so that the DP
+    overhead ratio does not carry the machine's drift between processes."""
+    torch.manual_seed(0)
+    torch.set_num_threads(case["threads"])
+    source = model_mod.prepare_base(case["model"])
+    device = model_mod.pick_device(case.get("device", "auto"))
+    quant = model_mod.Quantization(case["quantization"], case["dtype"], "bench")
+    base, tokenizer = model_mod.load_base(source, quant, device)
+    model = model_mod.attach_lora(base, case["lora_r"], 2.0 * case["lora_r"], 0.0,
+                                  ["q_proj", "v_proj"], 0)
+    batches = [b.to(device) for b in _batches(case, tokenizer)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain_opt = make_optimizer(params, "adamw", 1e-4)
+    gsm, dp_opt = make_private(model, make_optimizer(params, "adamw", 1e-4),
+                               DPSettings(1.0, 1.0), case["batch"],
+                               torch.Generator().manual_seed(1))
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    model.train()
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(2 * (case["warmup"] + case["steps"])):
+        private = bool(i % 2)
+        forward, optimizer = (gsm, dp_opt) if private else (model, plain_opt)
+        gsm.enable_hooks() if private else gsm.disable_hooks()
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        backward(forward, optimizer, batches[(i // 2) % len(batches)], case["batch"], private,
+                 case.get("micro_batch", 0))
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2 * case["warmup"]:
+            times[private].append(time.perf_counter() - t0)
+    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {**case, "plain_s": median[False], "dp_s": median[True],
+            "ratio": median[True] / median[False]}
+
+
+def _count_flops(step) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(0)
+    return counter.get_total_flops()
+
+
+if __name__ == "__main__":
+    for one in json.loads(sys.argv[1]):
+        print(json.dumps(run_paired(one) if one.get("paired") else run(one)), flush=True)

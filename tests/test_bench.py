@@ -1,0 +1,44 @@
+"""`fedslm bench --quick`: every case runs and the report has its parts (no timings checked)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from simulations.bench import CASES, TARGETS
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_bench_runs_every_case_and_writes_the_report(tiny_model, text_clients, tmp_path):
+    out, raw = tmp_path / "BENCH.md", tmp_path / "bench.json"
+    env = {**os.environ, "FEDSLM_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "fedslm.cli", "bench", "--quick", "--model",
+                           str(tiny_model), "--data", str(text_clients), "--out", str(out),
+                           "--json", str(raw)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    result = json.loads(raw.read_text())
+    assert [r["name"] for r in result["steps"]] == [c[0] for c in CASES]
+    for r in result["steps"]:
+        assert "error" not in r, r
+        assert r["step_s"] > 0 and r["flops_per_step"] > 0 and r["peak_train_mb"] > 0
+        assert r["trainable"] > 0
+    assert len(result["paired"]) == 2
+    assert all("error" not in r and r["plain_s"] > 0 and r["dp_s"] > 0 for r in result["paired"])
+    assert {s["encoding"] for s in result["sizes"]} == {"float32", "int8-delta"}
+    fedavg = {s["encoding"]: s["bytes"] for s in result["sizes"] if s["strategy"] == "fedavg"}
+    assert fedavg["int8-delta"] < fedavg["float32"]  # the tiny model's record headers weigh
+    rounds = result["overhead"]["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert all(0 < r["compute_s"] < r["wall_s"] for r in rounds)
+    text = out.read_text()
+    for heading in ("## Targets", "## Training step", "## DP overhead", "## Bytes a client",
+                    "## Federation overhead", "Quick mode"):
+        assert heading in text
+    assert text.count("| met |") + text.count("**not met**") == len(TARGETS)
+    assert "fedslm bench --quick" in text
