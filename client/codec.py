@@ -56,9 +56,11 @@ def decode(values: dict[str, np.ndarray], scales: dict[str, np.ndarray],
     out = {}
     for name, q in values.items():
         ref, scale = reference[name], scales[name]
-        if q.dtype != np.int8 or q.shape != ref.shape or scale.shape != (-(-q.size // BLOCK),):
+        if q.dtype != np.int8 or q.shape != ref.shape or scale.dtype != np.float32 \
+                or scale.shape != (-(-q.size // BLOCK),):
             raise CodecError(f"encoded tensor {name} does not match the adapter sent "
-                             f"(shape {q.shape}, dtype {q.dtype})")
+                             f"(shape {q.shape}, dtype {q.dtype}; scales {scale.shape}, "
+                             f"{scale.dtype})")
         delta = _blocks(q.astype(np.float32).ravel()) * scale[:, None]
         out[name] = ref + delta.ravel()[:q.size].reshape(q.shape)
     return out

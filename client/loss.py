@@ -30,7 +30,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if with_grad else None
         for start in range(0, hidden.shape[0], chunk):
             end = min(start + chunk, hidden.shape[0])
-            logits = (hidden[start:end] @ weight.T).float()
+            logits = (hidden[start:end].to(weight.dtype) @ weight.T).float()
             target = labels[start:end]
             valid = target != -100
             index = target.clamp(min=0).unsqueeze(1)
@@ -65,13 +65,26 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, with_grad)
 
 
+# Causal LMs whose logits are exactly lm_head(final hidden state): no scaling, no
+# softcapping (Granite divides by logits_scaling, Gemma 2 caps, Cohere scales). Others
+# take the full-logits path.
+PLAIN_HEAD_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3",
+                     "qwen3_moe", "phi3", "smollm3", "olmo", "olmo2", "gemma", "stablelm",
+                     "starcoder2"}
+SCALING_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                "output_multiplier_scale")
+
+
 def _parts(model):
     """(decoder, output weight) when the chunked loss applies to `model`, else None."""
     inner = getattr(model, "_module", model)  # Opacus' GradSampleModule
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     config = getattr(base, "config", None)
-    if config is None or getattr(config, "final_logit_softcapping", None) \
-            or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+    if config is None or getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(c, key, None) not in (None, 1, 1.0) for c in (config, text)
+           for key in SCALING_KEYS):
         return None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
@@ -130,7 +143,7 @@ def token_stats(model, batch: Examples, chunked: bool = True) -> tuple[float, in
     chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
     loss, correct = 0.0, 0
     for start in range(0, hidden.shape[0], chunk):
-        logits = (hidden[start:start + chunk] @ weight.T).float()
+        logits = (hidden[start:start + chunk].to(weight.dtype) @ weight.T).float()
         target, keep = flat[start:start + chunk], mask[start:start + chunk]
         ce = torch.logsumexp(logits, 1) - logits.gather(1, target.clamp(min=0)[:, None])[:, 0]
         loss += float(ce[keep].sum())

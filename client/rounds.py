@@ -79,7 +79,7 @@ class Session:
             return cls._current
         cls._current = None
         if cls._model is None or cls._model[0] != model_key:
-            cls._model = None  # free the old model before loading the next
+            cls._model, cls._data = None, {}  # free the old model (and its tokenisation)
             gc.collect()
             if threads:
                 torch.set_num_threads(threads)

@@ -86,6 +86,16 @@ def backward(forward, optimizer: torch.optim.Optimizer, batch: Examples, batch_s
     return torch.cat(losses)
 
 
+def _drop_hook_state(model) -> None:
+    """What Opacus' hooks leave on modules when a step fails between forward and backward
+    (captured activations, the batch size): the next client of a shared model must not
+    inherit them."""
+    for module in model.modules():
+        for name in ("activations", "max_batch_len"):
+            if hasattr(module, name):
+                delattr(module, name)
+
+
 def train(
     model,
     data: Examples,
@@ -137,5 +147,6 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         if forward is not model:
             forward._close()  # remove Opacus' hooks: the model is reused next round
+            _drop_hook_state(model)
     mean_loss = sum(losses) / len(losses) if losses else math.nan
     return TrainResult(steps, q, mean_loss, seen, empty, time.perf_counter() - start)

@@ -339,6 +339,9 @@ class Federation:
         except codec.CodecError as exc:
             reply.arrays = values
             reply.info["codec-error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a client's bytes must not stop the server
+            reply.arrays = values
+            reply.info["codec-error"] = f"malformed update ({type(exc).__name__}: {exc})"
 
     def _expected(self, update: Arrays) -> Arrays:
         """What a valid update looks like: the adapter sent (HetLoRA: cut to its rank)."""

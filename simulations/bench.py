@@ -48,8 +48,8 @@ CASES = [
     ("bf16 DP-LoRA, full-logits loss", "none", "bfloat16", True, "full", False, 0),
     ("bf16 LoRA, chunked loss", "none", "bfloat16", False, "chunked", False, 0),
     ("bf16 DP-LoRA, chunked loss", "none", "bfloat16", True, "chunked", False, 0),
-    ("bf16 LoRA, chunked, micro-batch", "none", "bfloat16", False, "chunked", True, 0),
-    ("bf16 DP-LoRA, chunked, micro-batch (client default)", "none", "bfloat16", True,
+    ("auto base, LoRA, chunked, micro-batch", "auto", "", False, "chunked", True, 0),
+    ("auto base, DP-LoRA, chunked, micro-batch (client default)", "auto", "", True,
      "chunked", True, 0),
     ("bf16 DP-LoRA, chunked, micro-batch, 1 thread", "none", "bfloat16", True, "chunked",
      True, 1),
@@ -64,7 +64,11 @@ CASES = [
 ]
 BASELINE = CASES[0][0]
 DEFAULT = CASES[8][0]
-PAIRED = (CASES[8][0], CASES[2][0])  # DP overhead measured step by step in one process
+# (comparison, case a, case b): timed step by step in turn in one process
+PAIRED = [("DP overhead, client default", CASES[7][0], CASES[8][0]),
+          ("DP overhead, fp32", CASES[1][0], CASES[2][0]),
+          ("speed-up, client default vs baseline", CASES[0][0], CASES[8][0]),
+          ("NF4 base vs the client default (DP)", CASES[8][0], CASES[13][0])]
 DP_PAIRS = [(CASES[1][0], CASES[2][0]), (CASES[3][0], CASES[4][0]), (CASES[5][0], CASES[6][0]),
             (CASES[7][0], CASES[8][0]), (CASES[10][0], CASES[11][0]),
             (CASES[12][0], CASES[13][0])]
@@ -170,16 +174,18 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict[str
     if cfg.quick:
         cfg.steps, cfg.warmup = 1, 0
     chosen = [_case(cfg, *c) for c in CASES if not cfg.cases or c[0] in cfg.cases]
-    paired = [{**_case(cfg, *c), "paired": True} for c in CASES if c[0] in PAIRED]
+    by_name = {c[0]: c for c in CASES}
+    paired = [{"name": name, "a": _case(cfg, *by_name[a]), "b": _case(cfg, *by_name[b])}
+              for name, a, b in PAIRED]
     if cfg.quick:  # one process for all: peak memory is not measured apart
         results = _run_cases(chosen + paired, cfg.threads)
     else:
         results = []
         for case in chosen + paired:
-            echo(f"bench: {case['name']}{' (paired)' if case.get('paired') else ''} ...")
-            results += _run_cases([case], case["threads"])
-    results, paired_results = ([r for r in results if not r.get("paired")],
-                               [r for r in results if r.get("paired")])
+            echo(f"bench: {case['name']} ...")
+            results += _run_cases([case], cfg.threads)
+    results, paired_results = ([r for r in results if "a" not in r],
+                               [r for r in results if "a" in r])
     peaks = {d: matmul_peak(d, cfg.threads, n=256 if cfg.quick else 1536,
                             seconds=0.2 if cfg.quick else 2.0) for d in ("float32", "bfloat16")}
     echo("bench: update sizes ...")
@@ -220,18 +226,18 @@ def _by_name(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def headline(result: dict[str, Any]) -> dict[str, float | None]:
     """The figures the targets are about (None where a case did not run)."""
     steps = _by_name(result)
-    base, default = steps.get(BASELINE), steps.get(DEFAULT)
-    paired = next((r for r in result["paired"] if r["name"] == DEFAULT and "error" not in r),
-                  None)
+    default = steps.get(DEFAULT)
+    pairs = {r["name"]: r for r in result["paired"] if "error" not in r}
+    paired, speed = pairs.get(PAIRED[0][0]), pairs.get(PAIRED[2][0])
     fedavg = next((s for s in result["sizes"]
                    if s["strategy"] == "fedavg" and s["encoding"] == "int8-delta"), None)
-    later = [r["overhead"] for r in result["overhead"]["rounds"] if r["round"] >= 2] or \
+    later = [r["overhead"] for r in result["overhead"]["rounds"] if r["round"] >= 1] or \
         [r["overhead"] for r in result["overhead"]["rounds"]]
     return {
         "dp_overhead": paired["ratio"] if paired else None,
         "peak_mb": default["peak_train_mb"] if default else None,
-        "speedup": default["samples_per_s"] / base["samples_per_s"] if default and base
-        else None,
+        "process_peak_mb": default["peak_process_mb"] if default else None,
+        "speedup": 1 / speed["ratio"] if speed else None,
         "compression": fedavg["ratio_bf16"] if fedavg else None,
         "federation_overhead": sum(later) / len(later) if later else None,
     }
@@ -283,11 +289,12 @@ def _targets_table(result: dict[str, Any]) -> list[str]:
     return [
         "## Targets (default client configuration)", "",
         "| target | measured | |", "|---|---|---|",
-        f"| DP overhead <= {t['dp_overhead']:.2f}x plain LoRA | "
+        f"| DP overhead <= {t['dp_overhead']:.2f}x plain LoRA (paired) | "
         f"{fmt(h['dp_overhead'], '{:.2f}x')} | {_ok(h['dp_overhead'], t['dp_overhead'], True)} |",
         f"| client peak memory while training <= {t['peak_mb'] / 1024:.1f} GiB | "
-        f"{fmt(h['peak_mb'], '{:.0f} MiB')} | {_ok(h['peak_mb'], t['peak_mb'], True)} |",
-        f"| samples/s >= {t['speedup']:.0f}x fp32 LoRA with HF's loss | "
+        f"{fmt(h['peak_mb'], '{:.0f} MiB')} (whole process, loading included: "
+        f"{fmt(h['process_peak_mb'], '{:.0f} MiB')}) | {_ok(h['peak_mb'], t['peak_mb'], True)} |",
+        f"| samples/s >= {t['speedup']:.0f}x fp32 LoRA with HF's loss (paired) | "
         f"{fmt(h['speedup'], '{:.2f}x')} | {_ok(h['speedup'], t['speedup'], False)} |",
         f"| bytes per client and round >= {t['compression']}x smaller than the model (bf16) | "
         f"{fmt(h['compression'], '{:.0f}x')} | "
@@ -301,45 +308,55 @@ def _targets_table(result: dict[str, Any]) -> list[str]:
 def _steps_table(result: dict[str, Any]) -> list[str]:
     base = _by_name(result).get(BASELINE)
     rows = ["## Training step", "",
-            "| case | s/step | samples/s | vs baseline | CPU s/step | peak RSS training (MiB) "
-            "| GFLOP/step | MFU |", "|---|---|---|---|---|---|---|---|"]
+            "| case | base | s/step | samples/s | vs baseline | CPU s/step | peak RSS training "
+            "(MiB) | peak RSS process (MiB) | GFLOP/step | MFU |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     # torch's counter misses bitsandbytes' 4-bit matmuls: a quantized base does the same
     # model FLOPs as the float one, so MFU uses the most any case counted
-    model_flops = max((r["flops_per_step"] for r in result["steps"] if "error" not in r),
-                      default=0)
+    counted = [r["flops_per_step"] for r in result["steps"] if "error" not in r]
+    exact = [r["flops_per_step"] for r in result["steps"]
+             if "error" not in r and r["quantization"] == "none"]
+    model_flops = max(exact or counted or [0])
     for r in result["steps"]:
         if "error" in r:
-            rows.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | | |")
+            rows.append(f"| {r['name']} | | failed: {r['error'][:120]} | | | | | | | |")
             continue
         peak = result["peaks"]["float32" if r["dtype"] == "float32" else "bfloat16"]
         peak *= r["threads"] / result["config"]["threads"]
         mfu = model_flops / r["step_s"] / peak
         speed = r["samples_per_s"] / base["samples_per_s"] if base else float("nan")
         gpu = f" (GPU {r['gpu_peak_mb']:.0f})" if r.get("gpu_peak_mb") else ""
-        rows.append(f"| {r['name']} | {r['step_s']:.2f} | {r['samples_per_s']:.2f} | "
-                    f"{speed:.2f}x | {r['cpu_s_per_step']:.2f} | {r['peak_train_mb']:.0f}{gpu} | "
+        base_kind = r["dtype"] if r["quantization"] == "none" else f"{r['quantization']}"
+        rows.append(f"| {r['name']} | {base_kind} | {r['step_s']:.2f} | "
+                    f"{r['samples_per_s']:.2f} | {speed:.2f}x | {r['cpu_s_per_step']:.2f} | "
+                    f"{r['peak_train_mb']:.0f}{gpu} | {r['peak_process_mb']:.0f} | "
                     f"{r['flops_per_step'] / 1e9:.0f} | {mfu:.0%} |")
     p = result["peaks"]
     rows += ["", f"MFU: FLOPs counted by `torch.utils.flop_counter` on one step, over the "
              f"dense-matmul rate measured here with the same threads (fp32 "
              f"{p['float32'] / 1e9:.0f} GFLOP/s, bf16 {p['bfloat16'] / 1e9:.0f} GFLOP/s; "
-             "1-thread cases against half of it). GFLOP/step is what the counter saw; it "
-             "misses bitsandbytes' 4-bit matmuls, so MFU divides the model's "
-             f"{model_flops / 1e9:.0f} GFLOP per step for every case."]
+             "a case with fewer threads against that rate scaled by its share). GFLOP/step "
+             "is what the counter saw; it misses bitsandbytes' 4-bit matmuls, so MFU divides "
+             f"the float model's {model_flops / 1e9:.0f} GFLOP per step for every case. "
+             "Peak RSS training: the process's peak after the model was loaded (VmHWM "
+             "reset); process: its whole life, loading included."]
     return rows
 
 
 def _dp_table(result: dict[str, Any]) -> list[str]:
     steps = _by_name(result)
     rows = ["## DP overhead (Opacus per-sample gradients, clipping, noise)", "",
-            "Plain and DP steps alternated on one model in one process (the target's figure):",
-            "", "| configuration | plain s/step | DP s/step | DP / plain |", "|---|---|---|---|"]
+            "Two cases timed step by step in turn in one process, each on its own model (the "
+            "targets' figures; a DP step attaches Opacus before and detaches after, untimed):",
+            "", "| comparison | a | b | a s/step | b s/step | b / a time | a / b time |",
+            "|---|---|---|---|---|---|---|"]
     for r in result["paired"]:
         if "error" in r:
-            rows.append(f"| {r['name']} | failed: {r['error'][:120]} | | |")
+            rows.append(f"| {r['name']} | | | failed: {r['error'][:120]} | | | |")
         else:
-            rows.append(f"| {r['name']} | {r['plain_s']:.2f} | {r['dp_s']:.2f} | "
-                        f"{r['ratio']:.2f}x |")
+            rows.append(f"| {r['name']} | {r['a']['name']} | {r['b']['name']} | "
+                        f"{r['a_s']:.2f} | {r['b_s']:.2f} | {r['ratio']:.2f}x | "
+                        f"{1 / r['ratio']:.2f}x |")
     rows += ["", "The same pairs from the separate processes of the table above (these carry "
              "the drift between processes too):", "",
              "| pair | plain s/step | DP s/step | DP / plain | plain peak MiB | DP peak MiB |",
@@ -371,8 +388,9 @@ def _overhead_table(result: dict[str, Any]) -> list[str]:
     rows = ["## Federation overhead (simulation)", "",
             f"`fedslm simulate` with {c['num-clients']} clients run one at a time "
             f"(client-cpus {c['client-cpus']}), {c['local-steps']} local steps, DP on; round 0 "
-            "only evaluates. Overhead = 1 - (sum of the clients' training and evaluation "
-            "seconds) / round wall time.", "",
+            "only evaluates, and carries the start-up (Ray, the workers, loading the model and "
+            "data). Overhead = 1 - (sum of the clients' training and evaluation seconds) / "
+            "round wall time; the target's figure is the mean over the training rounds.", "",
             "| round | wall s | clients' compute s | overhead |", "|---|---|---|---|"]
     for r in o["rounds"]:
         rows.append(f"| {r['round']} | {r['wall_s']:.1f} | {r['compute_s']:.1f} | "

@@ -29,11 +29,12 @@ def _rss_mb(field: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _reset_peak() -> None:
+def _reset_peak() -> bool:
     try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
-        pass
+        return False
+    return True
 
 
 def _batches(case: dict[str, Any], tokenizer) -> list[data_mod.Examples]:
@@ -51,17 +52,26 @@ def _hf_loss(model, batch: data_mod.Examples) -> torch.Tensor:
                  labels=batch.labels).loss
 
 
-def run(case: dict[str, Any]) -> dict[str, Any]:
+def _load(case: dict[str, Any]):
+    """(LoRA model, batches, device); an `auto` quantization is resolved as the client
+    does, and the case records what it became."""
     torch.manual_seed(0)
     torch.set_num_threads(case["threads"])
-    started = time.perf_counter()
     source = model_mod.prepare_base(case["model"])
     device = model_mod.pick_device(case.get("device", "auto"))
+    if case["quantization"] == "auto":
+        quant = model_mod.choose_quantization("auto", device, model_mod.count_params(source))
+        case.update(quantization=quant.mode, dtype=quant.dtype, resolved=quant.reason)
     quant = model_mod.Quantization(case["quantization"], case["dtype"], "bench")
     base, tokenizer = model_mod.load_base(source, quant, device)
     model = model_mod.attach_lora(base, case["lora_r"], 2.0 * case["lora_r"], 0.0,
                                   ["q_proj", "v_proj"], 0)
-    batches = [b.to(device) for b in _batches(case, tokenizer)]
+    return model, [b.to(device) for b in _batches(case, tokenizer)], device
+
+
+def run(case: dict[str, Any]) -> dict[str, Any]:
+    started = time.perf_counter()
+    model, batches, device = _load(case)
     load_seconds = time.perf_counter() - started
     rss_loaded = _rss_mb("VmRSS")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -71,16 +81,11 @@ def run(case: dict[str, Any]) -> dict[str, Any]:
 
     def step(i: int) -> None:
         batch = batches[i % len(batches)]
-        optimizer.zero_grad(set_to_none=True)
-        if case["loss"] == "hf":
-            _hf_loss(forward, batch).backward()
-        else:
-            backward(forward, optimizer, batch, case["batch"], dp is not None,
-                     case.get("micro_batch", 0), case["loss"] == "chunked")
-        optimizer.step()
+        _step(case, forward, optimizer, batch)
 
     model.train()
-    _reset_peak()
+    peak_load = _rss_mb("VmHWM")
+    reset = _reset_peak()  # from here VmHWM is the training's own peak
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     for i in range(case["warmup"]):
         step(i)
@@ -101,8 +106,8 @@ def run(case: dict[str, Any]) -> dict[str, Any]:
         "cpu_s_per_step": cpu / len(times),
         "samples_per_s": case["batch"] / seconds,
         "flops_per_step": flops,
-        "peak_train_mb": _rss_mb("VmHWM"),
-        "peak_process_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_train_mb": _rss_mb("VmHWM") if reset else float("nan"),
+        "peak_process_mb": max(peak_load, _rss_mb("VmHWM")),
         "rss_loaded_mb": rss_loaded,
         "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0,
         "load_s": load_seconds,
@@ -110,42 +115,43 @@ def run(case: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_paired(case: dict[str, Any]) -> dict[str, Any]:
-    """Plain and DP steps alternated on one model in one process, so that the DP
-    overhead ratio does not carry the machine's drift between processes."""
-    torch.manual_seed(0)
-    torch.set_num_threads(case["threads"])
-    source = model_mod.prepare_base(case["model"])
-    device = model_mod.pick_device(case.get("device", "auto"))
-    quant = model_mod.Quantization(case["quantization"], case["dtype"], "bench")
-    base, tokenizer = model_mod.load_base(source, quant, device)
-    model = model_mod.attach_lora(base, case["lora_r"], 2.0 * case["lora_r"], 0.0,
-                                  ["q_proj", "v_proj"], 0)
-    batches = [b.to(device) for b in _batches(case, tokenizer)]
-    params = [p for p in model.parameters() if p.requires_grad]
-    plain_opt = make_optimizer(params, "adamw", 1e-4)
-    gsm, dp_opt = make_private(model, make_optimizer(params, "adamw", 1e-4),
-                               DPSettings(1.0, 1.0), case["batch"],
-                               torch.Generator().manual_seed(1))
+def _step(case: dict[str, Any], forward, optimizer, batch: data_mod.Examples) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if case["loss"] == "hf":
+        _hf_loss(forward, batch).backward()
+    else:
+        backward(forward, optimizer, batch, case["batch"], case["dp"],
+                 case.get("micro_batch", 0), case["loss"] == "chunked")
+    optimizer.step()
+
+
+def run_pair(pair: dict[str, Any]) -> dict[str, Any]:
+    """Cases `a` and `b`, each on its own model, timed step by step in turn in one process,
+    so that their ratio does not carry the machine's drift between processes. A DP step
+    wraps its model in Opacus' hooks and DP optimizer first and unwraps it after (neither
+    timed), so a plain step never runs with hooks attached."""
+    loaded = [_load(pair["a"]), _load(pair["b"])]
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    model.train()
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for i in range(2 * (case["warmup"] + case["steps"])):
-        private = bool(i % 2)
-        forward, optimizer = (gsm, dp_opt) if private else (model, plain_opt)
-        gsm.enable_hooks() if private else gsm.disable_hooks()
+    times: list[list[float]] = [[], []]
+    for i in range(2 * (pair["a"]["warmup"] + pair["a"]["steps"])):
+        which = i % 2
+        case, (model, batches, device) = (pair["a"], pair["b"])[which], loaded[which]
+        params = [p for p in model.parameters() if p.requires_grad]
+        forward, optimizer = make_private(model, make_optimizer(params, "adamw", 1e-4),
+                                          DPSettings(1.0, 1.0) if case["dp"] else None,
+                                          case["batch"], torch.Generator().manual_seed(i))
+        model.train()
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        backward(forward, optimizer, batches[(i // 2) % len(batches)], case["batch"], private,
-                 case.get("micro_batch", 0))
-        optimizer.step()
+        _step(case, forward, optimizer, batches[(i // 2) % len(batches)])
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= 2 * case["warmup"]:
-            times[private].append(time.perf_counter() - t0)
-    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    return {**case, "plain_s": median[False], "dp_s": median[True],
-            "ratio": median[True] / median[False]}
+        if i >= 2 * pair["a"]["warmup"]:
+            times[which].append(time.perf_counter() - t0)
+        if forward is not model:
+            optimizer.zero_grad(set_to_none=True)
+            forward._close()
+    a_s, b_s = (sorted(t)[len(t) // 2] for t in times)
+    return {**pair, "a_s": a_s, "b_s": b_s, "ratio": b_s / a_s}
 
 
 def _count_flops(step) -> int:
@@ -159,4 +165,4 @@ def _count_flops(step) -> int:
 
 if __name__ == "__main__":
     for one in json.loads(sys.argv[1]):
-        print(json.dumps(run_paired(one) if one.get("paired") else run(one)), flush=True)
+        print(json.dumps(run_pair(one) if "a" in one else run(one)), flush=True)

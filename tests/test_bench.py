@@ -28,8 +28,8 @@ def test_quick_bench_runs_every_case_and_writes_the_report(tiny_model, text_clie
         assert "error" not in r, r
         assert r["step_s"] > 0 and r["flops_per_step"] > 0 and r["peak_train_mb"] > 0
         assert r["trainable"] > 0
-    assert len(result["paired"]) == 2
-    assert all("error" not in r and r["plain_s"] > 0 and r["dp_s"] > 0 for r in result["paired"])
+    assert len(result["paired"]) == 4
+    assert all("error" not in r and r["a_s"] > 0 and r["b_s"] > 0 for r in result["paired"])
     assert {s["encoding"] for s in result["sizes"]} == {"float32", "int8-delta"}
     fedavg = {s["encoding"]: s["bytes"] for s in result["sizes"] if s["strategy"] == "fedavg"}
     assert fedavg["int8-delta"] < fedavg["float32"]  # the tiny model's record headers weigh

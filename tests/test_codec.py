@@ -76,3 +76,12 @@ def test_updates_that_do_not_fit_what_was_sent_are_refused():
         codec.decode(values, short, reference)
     with pytest.raises(codec.CodecError, match="unknown update-encoding"):
         codec.encode(reference, reference, "int4")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.dtype("<U4"), np.int8])
+def test_scales_of_another_dtype_are_refused(dtype):
+    reference = _adapter(0)
+    values, scales = codec.encode(_update(reference, 1), reference, "int8-delta")
+    scales["m.lora_A.weight"] = np.zeros(scales["m.lora_A.weight"].shape, dtype=dtype)
+    with pytest.raises(codec.CodecError, match="m.lora_A.weight does not match"):
+        codec.decode(values, scales, reference)

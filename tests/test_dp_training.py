@@ -122,3 +122,23 @@ def test_empty_poisson_draws_still_take_a_noise_step(tiny_model, text_clients):
 
     _, plain_after, plain = _run(tiny_model, examples, None, steps=12, batch=1)
     assert plain.empty_steps == result.empty_steps  # the same draws without DP
+
+
+def test_a_failed_step_leaves_no_captured_activations_on_the_model(tiny_model, text_clients,
+                                                                    monkeypatch):
+    """A process reuses its model for the next client: Opacus' per-step state must go."""
+    from client import trainer
+
+    examples = _examples(tiny_model, text_clients)
+    model, _ = _lora_model(tiny_model)
+
+    def forward_then_fail(*args, **kwargs):
+        trainer_loss(*args, **kwargs)  # Opacus' hooks capture this batch's activations
+        raise RuntimeError("out of memory")
+
+    trainer_loss = trainer.per_sequence_loss
+    monkeypatch.setattr(trainer, "per_sequence_loss", forward_then_fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(model, examples, 1, 8, 0.5, DPSettings(1.0, 1.0), torch.Generator().manual_seed(7))
+    assert not [n for n, m in model.named_modules()
+                if hasattr(m, "activations") or hasattr(m, "max_batch_len")]

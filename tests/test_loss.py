@@ -102,3 +102,12 @@ def test_padding_columns_are_trimmed_without_changing_the_loss(tiny_model, text_
         torch.testing.assert_close(loss_mod.per_sequence_loss(model, padded),
                                    loss_mod.per_sequence_loss(model, batch))
     assert loss_mod.token_stats(model, padded) == loss_mod.token_stats(model, batch)
+
+
+@pytest.mark.parametrize("change", [{"model_type": "granite"}, {"logits_scaling": 8.0},
+                                    {"final_logit_softcapping": 30.0}])
+def test_models_with_scaled_or_unknown_heads_take_the_full_logits_path(tiny_model, change):
+    base, _ = model_mod.load_base(str(tiny_model), FP32, torch.device("cpu"))
+    for key, value in change.items():
+        setattr(base.config, key, value)
+    assert loss_mod._parts(base) is None
