@@ -22,13 +22,18 @@ def _message(kind: str, config: dict) -> Message:
     return Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=1, message_type=kind)
 
 
-def test_replies_carry_only_the_adapter_and_scalars(tiny_model, text_clients, tmp_path):
-    Session.forget()
+def _round(tiny_model, text_clients, tmp_path, partition: int) -> tuple[dict, Context]:
+    """A round-1 config on the tiny model and the context of the node holding `partition`."""
     config = {**DEFAULTS, "model": str(tiny_model), "data": str(text_clients), "seq-len": 32,
               "batch-size": 4, "local-steps": 2, "lora-r": 4, "server-round": 1,
               "state-root": str(tmp_path)}
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(),
-                      run_config={})
+    return config, Context(run_id=1, node_id=1, node_config={"partition-id": partition},
+                           state=RecordDict(), run_config={})
+
+
+def test_replies_carry_only_the_adapter_and_scalars(tiny_model, text_clients, tmp_path):
+    Session.forget()
+    config, context = _round(tiny_model, text_clients, tmp_path, partition=1)
     reply = train(_message(MessageType.TRAIN, config), context)
     content = reply.content
     assert set(content.keys()) == {"arrays", "metrics", "info"}
@@ -51,11 +56,7 @@ def test_replies_carry_only_the_adapter_and_scalars(tiny_model, text_clients, tm
 
 def test_a_trained_reply_is_an_int8_change_with_its_scales(tiny_model, text_clients, tmp_path):
     Session.forget()
-    config = {**DEFAULTS, "model": str(tiny_model), "data": str(text_clients), "seq-len": 32,
-              "batch-size": 4, "local-steps": 2, "lora-r": 4, "server-round": 1,
-              "state-root": str(tmp_path)}
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
-                      run_config={})
+    config, context = _round(tiny_model, text_clients, tmp_path, partition=0)
     initial = evaluate(_message(MessageType.EVALUATE, config), context).content["arrays"]
     message = _message(MessageType.TRAIN, config)
     message.content["arrays"] = initial
