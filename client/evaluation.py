@@ -32,13 +32,10 @@ def perplexity(loss: float) -> float:
 @torch.inference_mode()
 def evaluate(model, data: Examples, batch_size: int = 8) -> EvalSums:
     model.eval()
-    loss_sum, tokens, correct = 0.0, 0, 0
-    for start in range(0, len(data), batch_size):
-        batch = data.select(torch.arange(start, min(start + batch_size, len(data))))
-        batch_loss, batch_tokens, batch_correct = token_stats(model, batch)
-        loss_sum, tokens, correct = loss_sum + batch_loss, tokens + batch_tokens, \
-            correct + batch_correct
-    return EvalSums(loss_sum, tokens, correct)
+    stats = [token_stats(model, data.select(torch.arange(i, min(i + batch_size, len(data)))))
+             for i in range(0, len(data), batch_size)]
+    return EvalSums(sum(s[0] for s in stats), sum(s[1] for s in stats),
+                    sum(s[2] for s in stats))
 
 
 @torch.inference_mode()

@@ -21,6 +21,17 @@ from client.data import Examples
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 4M fp32 values = 16 MB
 
 
+def _chunk_size(weight: torch.Tensor) -> int:
+    return max(1, CHUNK_ELEMENTS // weight.shape[0])
+
+
+def _logit_chunks(hidden: torch.Tensor, weight: torch.Tensor, chunk: int):
+    """(start, end, fp32 logits of hidden[start:end]) a chunk at a time."""
+    for start in range(0, hidden.shape[0], chunk):
+        end = min(start + chunk, hidden.shape[0])
+        yield start, end, (hidden[start:end].to(weight.dtype) @ weight.T).float()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -28,9 +39,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) \
             if with_grad else None
-        for start in range(0, hidden.shape[0], chunk):
-            end = min(start + chunk, hidden.shape[0])
-            logits = (hidden[start:end].to(weight.dtype) @ weight.T).float()
+        for start, end, logits in _logit_chunks(hidden, weight, chunk):
             target = labels[start:end]
             valid = target != -100
             index = target.clamp(min=0).unsqueeze(1)
@@ -60,7 +69,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """
     if weight.requires_grad:
         raise ValueError("linear_cross_entropy needs a frozen output layer")
-    chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    chunk = chunk or _chunk_size(weight)
     with_grad = torch.is_grad_enabled() and hidden.requires_grad
     return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, with_grad)
 
@@ -96,6 +105,20 @@ def _parts(model):
     return decoder, head.weight
 
 
+def _head_inputs(model, batch: Examples, chunked: bool):
+    """(labels [B, T-1], and either full logits [B, T-1, V] in fp32 or None, and either
+    (hidden [B*(T-1), H], head weight) or None): one forward of the trimmed batch."""
+    batch = batch.trimmed()
+    labels = batch.labels[:, 1:]
+    parts = _parts(model) if chunked else None
+    if parts is None:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return labels, logits[:, :-1].float(), None
+    decoder, weight = parts
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
+    return labels, None, (hidden[:, :-1].reshape(-1, hidden.shape[-1]), weight)
+
+
 def token_losses(model, batch: Examples, chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy of each next token [B, T-1] in fp32, 0 where unlabelled; label mask).
 
@@ -103,19 +126,13 @@ def token_losses(model, batch: Examples, chunked: bool = True) -> tuple[torch.Te
     reference the chunked one is tested against and as the fallback for heads it
     does not handle (softcapping, scaled or trainable heads).
     """
-    batch = batch.trimmed()
-    labels = batch.labels[:, 1:]
-    parts = _parts(model) if chunked else None
-    if parts is None:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
-                             ignore_index=-100, reduction="none")
-        return ce, labels != -100
-    decoder, weight = parts
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    ce = linear_cross_entropy(hidden, weight, labels.reshape(-1))
-    return ce.view_as(labels), labels != -100
+    labels, logits, head = _head_inputs(model, batch, chunked)
+    if head is None:
+        ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
+                             reduction="none")
+    else:
+        ce = linear_cross_entropy(*head, labels.reshape(-1)).view_as(labels)
+    return ce, labels != -100
 
 
 def per_sequence_loss(model, batch: Examples, chunked: bool = True) -> torch.Tensor:
@@ -127,24 +144,16 @@ def per_sequence_loss(model, batch: Examples, chunked: bool = True) -> torch.Ten
 @torch.no_grad()
 def token_stats(model, batch: Examples, chunked: bool = True) -> tuple[float, int, int]:
     """(summed cross-entropy, labelled tokens, correctly predicted tokens) of a batch."""
-    batch = batch.trimmed()
-    labels = batch.labels[:, 1:]
+    labels, logits, head = _head_inputs(model, batch, chunked)
     valid = labels != -100
-    parts = _parts(model) if chunked else None
-    if parts is None:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        logits = logits[:, :-1].float()
+    if head is None:
         ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
         return float(ce), int(valid.sum()), int(((logits.argmax(-1) == labels) & valid).sum())
-    decoder, weight = parts
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    hidden, weight = head
     flat, mask = labels.reshape(-1), valid.reshape(-1)
-    chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
     loss, correct = 0.0, 0
-    for start in range(0, hidden.shape[0], chunk):
-        logits = (hidden[start:start + chunk].to(weight.dtype) @ weight.T).float()
-        target, keep = flat[start:start + chunk], mask[start:start + chunk]
+    for start, end, logits in _logit_chunks(hidden, weight, _chunk_size(weight)):
+        target, keep = flat[start:end], mask[start:end]
         ce = torch.logsumexp(logits, 1) - logits.gather(1, target.clamp(min=0)[:, None])[:, 0]
         loss += float(ce[keep].sum())
         correct += int(((logits.argmax(1) == target) & keep).sum())

@@ -336,12 +336,10 @@ class Federation:
         values, scales = codec.unpack(reply.arrays)
         try:
             reply.arrays = codec.decode(values, scales, self._expected(values))
-        except codec.CodecError as exc:
-            reply.arrays = values
-            reply.info["codec-error"] = str(exc)
         except Exception as exc:  # noqa: BLE001 - a client's bytes must not stop the server
             reply.arrays = values
-            reply.info["codec-error"] = f"malformed update ({type(exc).__name__}: {exc})"
+            reply.info["codec-error"] = str(exc) if isinstance(exc, codec.CodecError) \
+                else f"malformed update ({type(exc).__name__}: {exc})"
 
     def _expected(self, update: Arrays) -> Arrays:
         """What a valid update looks like: the adapter sent (HetLoRA: cut to its rank)."""

@@ -12,6 +12,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from client.codec import ENCODINGS
+
 DEFAULTS: dict[str, Any] = {
     # federation
     "num-server-rounds": 3,
@@ -74,7 +76,7 @@ POSITIVE = {"num-server-rounds", "num-clients", "client-cpus", "lora-r", "lora-a
             "round-timeout", "central-clip-norm", "node-wait", "min-replies"}
 CHOICES = {"quantization": ("auto", "nf4", "int8", "none"), "optimizer": ("adamw", "sgd"),
            "strategy": ("fedavg", "ffa-lora", "hetlora"),
-           "update-encoding": ("float32", "int8-delta")}
+           "update-encoding": ENCODINGS}
 
 
 class ConfigError(ValueError):

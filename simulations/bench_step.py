@@ -92,11 +92,7 @@ def run(case: dict[str, Any]) -> dict[str, Any]:
     flops = _count_flops(step) if case.get("flops") else 0
     times, cpu = [], time.process_time()
     for i in range(case["steps"]):
-        t0 = time.perf_counter()
-        step(i)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(_timed(device, step, i))
     cpu = time.process_time() - cpu
     seconds = sorted(times)[len(times) // 2]
     return {
@@ -113,6 +109,15 @@ def run(case: dict[str, Any]) -> dict[str, Any]:
         "load_s": load_seconds,
         "trainable": sum(p.numel() for p in params),
     }
+
+
+def _timed(device: torch.device, fn, *args) -> float:
+    """Wall seconds of fn(*args), the GPU's queued work included."""
+    start = time.perf_counter()
+    fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def _step(case: dict[str, Any], forward, optimizer, batch: data_mod.Examples) -> None:
@@ -141,12 +146,10 @@ def run_pair(pair: dict[str, Any]) -> dict[str, Any]:
                                           DPSettings(1.0, 1.0) if case["dp"] else None,
                                           case["batch"], torch.Generator().manual_seed(i))
         model.train()
-        t0 = time.perf_counter()
-        _step(case, forward, optimizer, batches[(i // 2) % len(batches)])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        seconds = _timed(device, _step, case, forward, optimizer,
+                         batches[(i // 2) % len(batches)])
         if i >= 2 * pair["a"]["warmup"]:
-            times[which].append(time.perf_counter() - t0)
+            times[which].append(seconds)
         if forward is not model:
             optimizer.zero_grad(set_to_none=True)
             forward._close()
