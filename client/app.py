@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import warnings
 
-import numpy as np
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -24,6 +23,8 @@ from flwr.clientapp import ClientApp
 
 from client.rounds import evaluate_round, simulated_dropout, train_round
 from client.settings import ClientSettings
+from contracts.adapter import Arrays
+from contracts.wire import ARRAYS, CONFIG, INFO, METRICS
 
 # Library chatter that says nothing to a user of the ClientApp's process.
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -34,11 +35,11 @@ app = ClientApp()
 
 
 def _settings(msg: Message, context: Context) -> ClientSettings:
-    return ClientSettings.from_records(dict(msg.content["config"]), dict(context.node_config))
+    return ClientSettings.from_records(dict(msg.content[CONFIG]), dict(context.node_config))
 
 
-def _arrays(msg: Message) -> dict[str, np.ndarray]:
-    record = msg.content.array_records.get("arrays")
+def _arrays(msg: Message) -> Arrays:
+    record = msg.content.array_records.get(ARRAYS)
     return {k: v.numpy() for k, v in record.items()} if record else {}
 
 
@@ -50,9 +51,9 @@ def train(msg: Message, context: Context) -> Message:
         return Message(error=Error(code=0, reason=reason), reply_to=msg)
     arrays, metrics, info = train_round(settings, _arrays(msg))
     content = RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-        "metrics": MetricRecord(metrics),
-        "info": ConfigRecord(info),
+        ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        METRICS: MetricRecord(metrics),
+        INFO: ConfigRecord(info),
     })
     return Message(content=content, reply_to=msg)
 
@@ -60,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     initial, metrics, info = evaluate_round(_settings(msg, context), _arrays(msg))
-    content = RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord(info)})
+    content = RecordDict({METRICS: MetricRecord(metrics), INFO: ConfigRecord(info)})
     if initial:  # round 0: the seeded, data-independent initial adapter
-        content["arrays"] = ArrayRecord({k: Array(v) for k, v in initial.items()})
+        content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in initial.items()})
     return Message(content=content, reply_to=msg)

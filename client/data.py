@@ -22,15 +22,18 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from contracts.errors import FedslmError
 
 EMBEDDED = "embedded"
 HELDOUT_EVERY = 10  # every 10th example is held out
 TEXT_SUFFIXES = (".txt", ".md")
 
 
-class DataError(ValueError):
+class DataError(FedslmError):
     """A data source that cannot be read or partitioned as asked."""
 
 
@@ -194,7 +197,8 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def encode(part: Partition, tokenizer, seq_len: int, max_heldout: int) -> tuple[Examples, Examples]:
+def encode(part: Partition, tokenizer: Any, seq_len: int,
+           max_heldout: int) -> tuple[Examples, Examples]:
     """Tokenise a partition into (train, held-out) examples of `seq_len` tokens."""
     rows = _rows(part, tokenizer, seq_len)
     heldout = [r for i, r in enumerate(rows) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
@@ -208,7 +212,7 @@ def encode(part: Partition, tokenizer, seq_len: int, max_heldout: int) -> tuple[
     return _pack(train, seq_len, pad), _pack(heldout[:max_heldout], seq_len, pad)
 
 
-def encode_all(part: Partition, tokenizer, seq_len: int) -> Examples:
+def encode_all(part: Partition, tokenizer: Any, seq_len: int) -> Examples:
     """Every example of a partition, no held-out split (canaries, scoring)."""
     return _pack(_rows(part, tokenizer, seq_len), seq_len, _pad_id(tokenizer))
 
@@ -219,7 +223,7 @@ def concat(a: Examples, b: Examples) -> Examples:
                     torch.cat([a.labels, b.labels]))
 
 
-def planted_canaries(path: str, partition: int, tokenizer, seq_len: int) -> Examples | None:
+def planted_canaries(path: str, partition: int, tokenizer: Any, seq_len: int) -> Examples | None:
     """The included canaries of an empirical audit, if this partition receives them."""
     planted = json.loads(Path(path).read_text())
     if planted["partition"] != partition:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ def perplexity(loss: float) -> float:
 
 
 @torch.inference_mode()
-def evaluate(model, data: Examples, batch_size: int = 8) -> EvalSums:
+def evaluate(model: Any, data: Examples, batch_size: int = 8) -> EvalSums:
     model.eval()
     stats = [token_stats(model, data.select(torch.arange(i, min(i + batch_size, len(data)))))
              for i in range(0, len(data), batch_size)]
@@ -39,7 +40,7 @@ def evaluate(model, data: Examples, batch_size: int = 8) -> EvalSums:
 
 
 @torch.inference_mode()
-def per_example_loss(model, data: Examples, batch_size: int = 32) -> np.ndarray:
+def per_example_loss(model: Any, data: Examples, batch_size: int = 32) -> np.ndarray:
     """Mean next-token cross-entropy of each example (shape [N])."""
     model.eval()
     out = [per_sequence_loss(model, data.select(torch.arange(i, min(i + batch_size, len(data)))))

@@ -13,6 +13,8 @@ Opacus' per-sample hooks on the LoRA layers see.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -119,7 +121,8 @@ def _head_inputs(model, batch: Examples, chunked: bool):
     return labels, None, (hidden[:, :-1].reshape(-1, hidden.shape[-1]), weight)
 
 
-def token_losses(model, batch: Examples, chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def token_losses(model: Any, batch: Examples,
+                 chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy of each next token [B, T-1] in fp32, 0 where unlabelled; label mask).
 
     `chunked=False` is the straightforward computation (full logits), kept as the
@@ -135,14 +138,14 @@ def token_losses(model, batch: Examples, chunked: bool = True) -> tuple[torch.Te
     return ce, labels != -100
 
 
-def per_sequence_loss(model, batch: Examples, chunked: bool = True) -> torch.Tensor:
+def per_sequence_loss(model: Any, batch: Examples, chunked: bool = True) -> torch.Tensor:
     """Mean next-token cross-entropy of each sequence, in fp32: shape [B]."""
     ce, valid = token_losses(model, batch, chunked)
     return ce.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
 
 
 @torch.no_grad()
-def token_stats(model, batch: Examples, chunked: bool = True) -> tuple[float, int, int]:
+def token_stats(model: Any, batch: Examples, chunked: bool = True) -> tuple[float, int, int]:
     """(summed cross-entropy, labelled tokens, correctly predicted tokens) of a batch."""
     labels, logits, head = _head_inputs(model, batch, chunked)
     valid = labels != -100

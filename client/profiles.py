@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from contracts.errors import FedslmError
+
 
 @dataclass(frozen=True)
 class DeviceProfile:
@@ -30,7 +32,7 @@ PROFILES = {p.name: p for p in (
 DEFAULT_PROFILE = "generic-cpu"
 
 
-class ProfileError(ValueError):
+class ProfileError(FedslmError):
     """An unknown device profile."""
 
 

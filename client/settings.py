@@ -1,4 +1,9 @@
-"""What one client round needs to know: the server's config plus the node's own."""
+"""What one client round needs to know: the server's config plus the node's own.
+
+Every key, its default and its check come from contracts/config.py; the node config
+(a SuperNode's own values) is checked by the same rules and wins for the keys a node
+may set (contracts.config.NODE_KEYS).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from client.profiles import profile
+from contracts.adapter import spec
+from contracts.config import NODE_KEYS, RUN_KEYS, SCHEMA, validate, validate_node
+from contracts.wire import SERVER_ROUND
 
-# Keys a SuperNode may set in its node config (they win over the server's config).
-NODE_KEYS = ("data", "partition-id", "client", "state-dir", "quantization", "device", "threads",
-             "budget-epsilon", "budget-delta", "device-profile", "cache-dir", "lora-r",
-             "micro-batch-tokens")
+RUN_ID = "run-id"
+LOCAL_RUN = "local"  # the run id of a config that names none
 
 
 @dataclass(frozen=True)
@@ -58,61 +64,25 @@ class ClientSettings:
 
     @classmethod
     def from_records(cls, config: dict[str, Any], node: dict[str, Any]) -> ClientSettings:
-        merged = {**config, **{k: v for k, v in node.items() if k in NODE_KEYS}}
-
-        def get(key: str, default: Any = None) -> Any:
-            if key not in merged and default is None:
-                raise ValueError(f"client config is missing {key!r}")
-            return merged.get(key, default)
-
-        noise = get("noise-multiplier", "auto")
-        partition = int(get("partition-id", 0))
-        device_profile = str(get("device-profile", "generic-cpu"))
-        simulated = [p.strip() for p in str(config.get("simulated-profiles", "")).split(",")
-                     if p.strip()]
-        if simulated and "device-profile" not in node:
-            device_profile = simulated[partition % len(simulated)]
-        strategy = str(get("strategy", "fedavg"))
-        rank, alpha = _lora_rank(strategy, config, node, device_profile)
+        """The server's config record (its run keys checked, as given; the server adds
+        `run-id` and `server-round`) with the node config's checked values over it.
+        ConfigError, naming the key, for a bad value in either."""
+        run = validate({k: v for k, v in config.items() if k in RUN_KEYS})
+        own = validate_node(node)
+        merged = {**run, **{k: SCHEMA[k].default for k in NODE_KEYS if k not in run}, **own}
+        device_profile = _device_profile(run, own)
+        rank, alpha = _lora_rank(run, own, device_profile)
         return cls(
-            run_id=str(get("run-id", "local")),
-            round=int(get("server-round", 0)),
-            num_rounds=int(get("num-server-rounds")),
-            model=str(get("model")),
-            quantization=str(get("quantization")),
-            device=str(get("device", "auto")),
-            threads=int(get("threads", 0)),
+            run_id=str(config.get(RUN_ID, LOCAL_RUN)),
+            round=int(config.get(SERVER_ROUND, 0)),
+            num_rounds=merged["num-server-rounds"],
+            **_model_fields(merged),
             device_profile=device_profile,
-            data=str(get("data")),
-            partition=partition,
-            client=str(get("client", "")),
-            state_dir=str(get("state-dir", "")),
-            state_root=str(get("state-root", "")),
-            seq_len=int(get("seq-len")),
-            batch_size=int(get("batch-size")),
-            micro_batch=micro_batch(int(get("micro-batch-tokens", 0)), int(get("seq-len"))),
-            local_steps=int(get("local-steps")),
-            lr=float(get("lr")),
-            optimizer=str(get("optimizer", "adamw")),
+            **_data_fields(merged),
+            **_training_fields(merged),
             lora_r=rank,
             lora_alpha=alpha,
-            lora_dropout=float(get("lora-dropout", 0.0)),
-            lora_targets=tuple(t.strip() for t in str(get("lora-targets")).split(",") if t.strip()),
-            dp=bool(get("dp")),
-            target_epsilon=float(get("target-epsilon")),
-            delta=float(get("delta")),
-            noise_multiplier=None if str(noise) == "auto" else float(noise),
-            clip_norm=float(get("clip-norm")),
-            budget_epsilon=_positive_or_none(get("budget-epsilon", 0.0)),
-            budget_delta=_positive_or_none(get("budget-delta", 0.0)),
-            max_eval_seqs=int(get("max-eval-seqs", 32)),
-            seed=int(get("seed", 0)),
-            reproducible=bool(get("reproducible", False)),
-            cache_dir=str(get("cache-dir", "")),
-            canary_file=str(get("canary-file", "")),
-            strategy=strategy,
-            update_encoding=str(get("update-encoding", "float32")),
-            dropout_rate=float(get("dropout-rate", 0.0)),
+            **_privacy_fields(merged),
         )
 
     def resolved_state_dir(self, client: str) -> Path:
@@ -124,24 +94,69 @@ class ClientSettings:
         return Path(base) / "fedslm" / client
 
 
+def _model_fields(c: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": c["model"], "quantization": c["quantization"], "device": c["device"],
+        "threads": c["threads"], "lora_dropout": c["lora-dropout"],
+        "lora_targets": tuple(t.strip() for t in c["lora-targets"].split(",") if t.strip()),
+        "seed": c["seed"], "reproducible": c["reproducible"], "cache_dir": c["cache-dir"],
+        "strategy": c["strategy"], "update_encoding": c["update-encoding"],
+        "dropout_rate": c["dropout-rate"],
+    }
+
+
+def _data_fields(c: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "data": c["data"], "partition": c["partition-id"], "client": c["client"],
+        "state_dir": c["state-dir"], "state_root": c["state-root"], "seq_len": c["seq-len"],
+        "max_eval_seqs": c["max-eval-seqs"], "canary_file": c["canary-file"],
+    }
+
+
+def _training_fields(c: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "batch_size": c["batch-size"], "micro_batch": micro_batch(c["micro-batch-tokens"],
+                                                                  c["seq-len"]),
+        "local_steps": c["local-steps"], "lr": c["lr"], "optimizer": c["optimizer"],
+    }
+
+
+def _privacy_fields(c: dict[str, Any]) -> dict[str, Any]:
+    noise = c["noise-multiplier"]
+    return {
+        "dp": c["dp"], "target_epsilon": c["target-epsilon"], "delta": c["delta"],
+        "noise_multiplier": None if noise == "auto" else float(noise),
+        "clip_norm": c["clip-norm"], "budget_epsilon": _positive_or_none(c["budget-epsilon"]),
+        "budget_delta": _positive_or_none(c["budget-delta"]),
+    }
+
+
 def micro_batch(tokens: int, seq_len: int) -> int:
     """Sequences per forward/backward for a `micro-batch-tokens` budget (0: no limit)."""
     return max(1, tokens // seq_len) if tokens > 0 else 0
 
 
-def _positive_or_none(value: Any) -> float | None:
-    value = float(value)
+def _positive_or_none(value: float) -> float | None:
     return value if value > 0 else None
 
 
-def _lora_rank(strategy: str, config: dict[str, Any], node: dict[str, Any],
-               device_profile: str) -> tuple[int, float]:
-    """(rank, alpha) of this client's adapter. Under hetlora a client trains the rank its
-    node config or device profile gives, at most the server's `lora-r`, and alpha is
-    scaled with the rank so that every client's update has the same scale (alpha / r)."""
-    top, alpha = int(config["lora-r"]), float(config["lora-alpha"])
-    if strategy != "hetlora":
-        return int(node.get("lora-r", top)), alpha
-    rank = int(node["lora-r"]) if "lora-r" in node else profile(device_profile).lora_rank
+def _device_profile(run: dict[str, Any], node: dict[str, Any]) -> str:
+    """The node's own profile; in a simulation, `simulated-profiles` in turn by partition."""
+    simulated = [p.strip() for p in run["simulated-profiles"].split(",") if p.strip()]
+    if simulated and "device-profile" not in node:
+        return simulated[node.get("partition-id", 0) % len(simulated)]
+    return node.get("device-profile", run["device-profile"])
+
+
+def _lora_rank(run: dict[str, Any], node: dict[str, Any], device_profile: str
+               ) -> tuple[int, float]:
+    """(rank, alpha) of this client's adapter. Under a strategy with a rank per client a
+    client trains the rank its node config or device profile gives, at most the server's
+    `lora-r`, and alpha is scaled with the rank so that every client's update has the
+    same scale (alpha / r)."""
+    top, alpha = run["lora-r"], run["lora-alpha"]
+    if not spec(run["strategy"]).rank_per_client:
+        return node.get("lora-r", top), alpha
+    rank = node["lora-r"] if "lora-r" in node else profile(device_profile).lora_rank
     rank = max(1, min(rank, top))
     return rank, alpha * rank / top

@@ -14,18 +14,14 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from client.data import Examples
+from client.dp_plan import DPPlan
 from client.loss import per_sequence_loss
-
-
-@dataclass(frozen=True)
-class DPSettings:
-    noise_multiplier: float
-    clip_norm: float
 
 
 @dataclass(frozen=True)
@@ -38,32 +34,31 @@ class TrainResult:
     seconds: float
 
 
-def sample_rate(num_examples: int, batch_size: int) -> float:
-    return min(1.0, batch_size / num_examples)
-
-
 def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
     return (torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if name == "adamw"
             else torch.optim.SGD(params, lr=lr))
 
 
-def make_private(model, optimizer: torch.optim.Optimizer, dp: DPSettings | None, batch_size: int,
-                 noise: torch.Generator | None = None):
-    """(module to call, optimizer): Opacus' per-sample hooks and DP optimizer under DP,
-    else `model` and `optimizer` unchanged. The caller closes the hooks (`_close()`)."""
-    if dp is None:
+def make_private(model: Any, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
+                 clip_norm: float | None, expected_batch: int,
+                 noise: torch.Generator | None = None) -> tuple[Any, torch.optim.Optimizer]:
+    """(module to call, optimizer): Opacus' per-sample hooks and DP optimizer, or without
+    a clipping norm `model` and `optimizer` unchanged. The caller closes the hooks
+    (`_close()`)."""
+    if clip_norm is None:
         return model, optimizer
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
     forward = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    return forward, DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier,
-                                max_grad_norm=dp.clip_norm, expected_batch_size=batch_size,
+    return forward, DPOptimizer(optimizer, noise_multiplier=noise_multiplier,
+                                max_grad_norm=clip_norm, expected_batch_size=expected_batch,
                                 loss_reduction="mean", generator=noise)
 
 
-def backward(forward, optimizer: torch.optim.Optimizer, batch: Examples, batch_size: int,
-             private: bool, micro_batch: int = 0, chunked_loss: bool = True) -> torch.Tensor:
+def backward(forward: Any, optimizer: torch.optim.Optimizer, batch: Examples, *,
+             batch_size: int, private: bool, micro_batch: int = 0,
+             chunked_loss: bool = True) -> torch.Tensor:
     """Gradients of one drawn batch, `micro_batch` sequences at a time (0: all at once);
     returns the detached per-sequence losses. Under DP each micro-batch's per-sample
     gradients are clipped and summed by Opacus (a skipped step), so the caller's
@@ -86,7 +81,7 @@ def backward(forward, optimizer: torch.optim.Optimizer, batch: Examples, batch_s
     return torch.cat(losses)
 
 
-def _drop_hook_state(model) -> None:
+def _drop_hook_state(model: Any) -> None:
     """What Opacus' hooks leave on modules when a step fails between forward and backward
     (captured activations, the batch size): the next client of a shared model must not
     inherit them."""
@@ -97,12 +92,11 @@ def _drop_hook_state(model) -> None:
 
 
 def train(
-    model,
+    model: Any,
     data: Examples,
-    steps: int,
-    batch_size: int,
+    *,
+    plan: DPPlan,
     lr: float,
-    dp: DPSettings | None,
     sampling: torch.Generator,
     noise: torch.Generator | None = None,
     optimizer_name: str = "adamw",
@@ -110,43 +104,70 @@ def train(
     chunked_loss: bool = True,
     micro_batch: int = 0,
 ) -> TrainResult:
-    """Run `steps` optimiser steps on the trainable (LoRA) parameters of `model`.
+    """Run the plan's steps on the trainable (LoRA) parameters of `model`: Poisson draws
+    at the plan's q, clipped and noised as it says; PlanError unless it is the plan for
+    `data` and every charged step ran.
 
     `progress(step, loss)` is called after each step with data (the loss stays local).
     `chunked_loss=False` computes the loss from full logits (the reference; slower).
     `micro_batch` > 0 runs a drawn batch through forward/backward that many sequences at
     a time (less activation memory; the same update, the same privacy).
     """
+    plan.check_data(len(data))
     start = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, optimizer_name, lr)
-    forward, optimizer = make_private(model, optimizer, dp, batch_size, noise)
-    q = sample_rate(len(data), batch_size)
-    losses, seen, empty = [], 0, 0
+    forward, optimizer = make_private(
+        model, make_optimizer(params, optimizer_name, lr), noise_multiplier=plan.noise_multiplier,
+        clip_norm=plan.clip_norm, expected_batch=plan.expected_batch, noise=noise)
+    noised: list[int] = []
+    if plan.private:
+        optimizer.attach_step_hook(lambda _: noised.append(1))  # runs after the noise is added
     model.train()
     try:
-        for step in range(1, steps + 1):
-            index = (torch.rand(len(data), generator=sampling) < q).nonzero().squeeze(1)
-            optimizer.zero_grad(set_to_none=True)
-            if len(index) == 0:
-                empty += 1
-                if dp is None:
-                    continue  # nothing to learn from, and no noise to add
-                for p in params:  # a noise-only step keeps the accounting honest
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            else:
-                per_seq = backward(forward, optimizer, data.select(index), batch_size,
-                                   dp is not None, micro_batch, chunked_loss)
-                losses.append(float(per_seq.mean()))
-                seen += len(index)
-                if progress:
-                    progress(step, losses[-1])
-            optimizer.step()
+        tally = _steps(forward, optimizer, params, data, plan, sampling, progress,
+                       micro_batch, chunked_loss)
     finally:
         model.eval()
         optimizer.zero_grad(set_to_none=True)
         if forward is not model:
             forward._close()  # remove Opacus' hooks: the model is reused next round
             _drop_hook_state(model)
-    mean_loss = sum(losses) / len(losses) if losses else math.nan
-    return TrainResult(steps, q, mean_loss, seen, empty, time.perf_counter() - start)
+    plan.check_ran(len(noised) if plan.private else tally.drawn)
+    mean_loss = sum(tally.losses) / len(tally.losses) if tally.losses else math.nan
+    return TrainResult(plan.steps, plan.sample_rate, mean_loss, tally.seen, tally.empty,
+                       time.perf_counter() - start)
+
+
+@dataclass
+class _Tally:
+    drawn: int = 0
+    empty: int = 0
+    seen: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def _steps(forward: Any, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+           data: Examples, plan: DPPlan, sampling: torch.Generator,
+           progress: Callable[[int, float], None] | None, micro_batch: int,
+           chunked_loss: bool) -> _Tally:
+    tally = _Tally()
+    for step in range(1, plan.steps + 1):
+        index = (torch.rand(len(data), generator=sampling) < plan.sample_rate).nonzero().squeeze(1)
+        tally.drawn += 1
+        optimizer.zero_grad(set_to_none=True)
+        if len(index) == 0:
+            tally.empty += 1
+            if not plan.private:
+                continue  # nothing to learn from, and no noise to add
+            for p in params:  # a noise-only step keeps the accounting honest
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        else:
+            per_seq = backward(forward, optimizer, data.select(index),
+                               batch_size=plan.expected_batch, private=plan.private,
+                               micro_batch=micro_batch, chunked_loss=chunked_loss)
+            tally.losses.append(float(per_seq.mean()))
+            tally.seen += len(index)
+            if progress:
+                progress(step, tally.losses[-1])
+        optimizer.step()
+    return tally

@@ -20,13 +20,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from contracts.errors import FedslmError
+
 VALID_DAYS = 365
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "superlink.crt", "superlink.key"
 NODES = "nodes"
 
 
-class CertsError(ValueError):
+class CertsError(FedslmError):
     """Bad input to `fedslm certs` (an address, an existing folder)."""
 
 
@@ -102,6 +104,8 @@ def make_node_key(folder: Path, name: str) -> Path:
 
 
 def node_names(count: int) -> list[str]:
+    if count < 0:
+        raise CertsError(f"--nodes must be >= 0, got {count}")
     return [f"node-{i}" for i in range(1, count + 1)]
 
 
@@ -111,12 +115,18 @@ def make_certs(folder: Path, addresses: list[str], nodes: list[str]) -> Path:
         raise CertsError("give at least one --address for the SuperLink's certificate")
     _san(addresses)  # check them before anything is written
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CertsError(f"{folder} is a file, not a folder")
     if folder.exists() and any(folder.iterdir()):
         raise CertsError(f"{folder} exists and is not empty: refusing to overwrite keys")
-    (folder / NODES).mkdir(parents=True)
-    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)  # tolerate small clock skew
-    ca, ca_key = make_ca(folder, now)
-    make_server_cert(folder, addresses, ca, ca_key, now)
-    for name in nodes:
-        make_node_key(folder / NODES, name)
+    try:
+        (folder / NODES).mkdir(parents=True)
+        now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)  # tolerate small clock skew
+        ca, ca_key = make_ca(folder, now)
+        make_server_cert(folder, addresses, ca, ca_key, now)
+        for name in nodes:
+            make_node_key(folder / NODES, name)
+    except OSError as exc:
+        raise CertsError(f"cannot write certificates into {folder}: "
+                         f"{exc.strerror or exc}") from None
     return folder

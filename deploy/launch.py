@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
 
+from contracts import environment
+from contracts.config import ConfigError, validate_node
+from contracts.errors import FedslmError
 from deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 
 log = logging.getLogger("fedslm")
@@ -23,27 +27,13 @@ INSECURE_WARNING = ("fedslm: WARNING: --insecure: TLS is OFF. Adapters, metrics 
                     "network.")
 
 
-class DeployError(ValueError):
+class DeployError(FedslmError):
     """A missing certificate or key, or an unusable option."""
 
 
 def quiet_environ(flwr_home: Path) -> dict[str, str]:
     """The environment of a SuperLink or SuperNode (and of the apps they start)."""
-    bin_dir = str(Path(sys.executable).parent)  # Flower starts flower-superexec from PATH
-    return {
-        **os.environ,
-        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "TRANSFORMERS_VERBOSITY": "error",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
-    }
+    return {**environment.quiet_environ(), "FLWR_HOME": str(flwr_home)}
 
 
 def _need(path: Path, what: str) -> str:
@@ -65,6 +55,7 @@ def write_connection(flwr_home: Path, address: str, ca: Path | None) -> Path:
 
 def superlink_command(certs: Path | None, address: str, port: int, state: Path,
                       insecure: bool) -> list[str]:
+    check_port(port, "--port")
     command = ["flower-superlink", "--host", address, "--port", str(port),
                "--database", str(state / "superlink.db"),
                "--disable-runtime-dependency-installation"]
@@ -78,9 +69,50 @@ def superlink_command(certs: Path | None, address: str, port: int, state: Path,
                       "--enable-supernode-auth"]
 
 
+NODE_CONFIG_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")  # Flower's own pattern
+
+
+def check_address(address: str, what: str = "--superlink") -> str:
+    """HOST:PORT with a host name or IP address and a port in 1..65535."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 \
+            or any(c in host for c in " /"):
+        raise DeployError(f"{what} must be HOST:PORT, got {address!r}")
+    return address
+
+
+def check_port(port: int, what: str) -> int:
+    if not 0 < port < 65536:
+        raise DeployError(f"{what} must be a port in 1..65535, got {port}")
+    return port
+
+
+def parse_node_config(text: str) -> dict[str, object]:
+    """Flower's `--node-config` string ("k=v k2='s'") as a dict, with fedslm's keys
+    checked by the config schema's rules: a bad value is refused before the node starts."""
+    from flwr.common.config import parse_config_args
+
+    if NODE_CONFIG_PAIR.sub("", text).strip():
+        raise DeployError(f"--node-config must be key=value pairs, got {text!r}")
+    try:
+        parsed = parse_config_args([text]) if text.strip() else {}
+    except Exception:  # noqa: BLE001 - Flower raises click and TOML errors
+        raise DeployError("--node-config values must be numbers, true/false or quoted "
+                          f"strings (key='text'), got {text!r}") from None
+    try:
+        validate_node(parsed)
+    except ConfigError as exc:
+        raise DeployError(f"--node-config: {exc}") from None
+    return parsed
+
+
 def supernode_command(ca: Path | None, key: Path | None, superlink: str, port: int,
                       state: Path, node_config: str, insecure: bool) -> list[str]:
     """The node's state folder holds its ledger, its model cache and Flower's app store."""
+    check_address(superlink)
+    check_port(port, "--port")
+    parse_node_config(node_config)
     settings = f"state-dir={_toml(state)} cache-dir={_toml(state / 'cache')}"
     command = ["flower-supernode", "--superlink", superlink, "--host", "127.0.0.1",
                "--port", str(port), "--node-config", f"{settings} {node_config}".strip()]

@@ -16,8 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from contracts import rundir
+from contracts.errors import FedslmError
+from contracts.rundir import finite
+from contracts.wire import Status, format_epsilon
 from privacy.accountant import epsilon
-from privacy.jsonsafe import finite
 from privacy.ledger import Entry, Ledger, LedgerError
 
 ACCOUNTANTS = ("rdp", "dp-accounting-rdp")  # Opacus and Google: two code bases
@@ -25,7 +28,7 @@ AGREEMENT = 0.01  # relative tolerance between accountants and against the repor
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
-class AuditInputError(ValueError):
+class AuditInputError(FedslmError):
     """The path cannot be read as a run directory or a ledger (exit 2)."""
 
 
@@ -117,15 +120,13 @@ def _report(path: Path, entries: list[Entry], problems: list[str]) -> LedgerRepo
 
 
 def _run_ledgers(run_dir: Path) -> tuple[list[Path], dict[str, Any]]:
-    config_path = run_dir / "config.json"
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AuditInputError(f"{run_dir} is not a fedslm run directory ({exc})") from exc
-    root = Path(config.get("state-root") or run_dir / "clients")
-    ledgers = sorted(root.glob("*/ledger.sqlite"))
-    if (run_dir / "server" / "ledger.sqlite").is_file():
-        ledgers.append(run_dir / "server" / "ledger.sqlite")
+        config = rundir.read_config(run_dir)
+    except rundir.RunDirError as exc:
+        raise AuditInputError(f"{run_dir} is not a fedslm run directory ({exc})") from None
+    ledgers = rundir.client_ledgers(run_dir, config.get("state-root") or "")
+    if rundir.server_ledger(run_dir).is_file():
+        ledgers.append(rundir.server_ledger(run_dir))
     return ledgers, config
 
 
@@ -133,14 +134,13 @@ def _cross_check(report: LedgerReport, run_dir: Path, run_id: str) -> None:
     """Every spend the server saw for this client must be in its ledger."""
     recorded = {(h["run_id"], h["round"]): h["epsilon"] for h in report.history}
     try:
-        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-                 if x.strip()]
-    except (OSError, json.JSONDecodeError) as exc:
+        lines = rundir.read_metrics(run_dir)
+    except rundir.RunDirError as exc:
         report.problems.append(f"metrics.jsonl unreadable: {exc}")
         return
     for line in lines:
         for row in line.get("clients", []):
-            if row.get("client") != report.client or row.get("status") != "trained":
+            if row.get("client") != report.client or row.get("status") != Status.TRAINED:
                 continue
             key = (run_id, line["round"])
             if key not in recorded:
@@ -169,7 +169,7 @@ def audit(path: str | Path) -> dict[str, Any]:
         raise AuditInputError(f"no such run directory or ledger: {path}")
     clients = [{**asdict(r), "ok": r.ok} for r in reports]
     result: dict[str, Any] = {"ok": all(r.ok for r in reports), "clients": clients}
-    empirical = path / "audit" / "empirical.json" if path.is_dir() else None
+    empirical = path / rundir.AUDIT / rundir.EMPIRICAL if path.is_dir() else None
     if empirical and empirical.is_file():
         result["empirical"] = _check_empirical(json.loads(empirical.read_text()))
         result["ok"] = result["ok"] and not result["empirical"]["problems"]
@@ -218,8 +218,7 @@ def render(result: dict[str, Any]) -> str:
         lines += [f"{c['client']} ({c['ledger']}): {p}" for p in c["problems"]]
     if "empirical" in result:
         e = result["empirical"]
-        eps = "∞ (no DP)" if e.get("epsilon_accountant") is None else \
-            f"{e['epsilon_accountant']:.3f}"
+        eps = format_epsilon(e.get("epsilon_accountant"), 3)
         lines += [
             f"empirical audit ({e['canaries']} canaries, {e['included']} planted): "
             f"membership AUC {e['auc']:.3f}, TPR at 1% FPR {e['tpr_at_1pct_fpr']:.3f}, "

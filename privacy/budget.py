@@ -28,6 +28,7 @@ class RoundPlan:
 
 
 def plan_round(
+    *,
     earlier_runs: list[Mechanism],
     this_run: list[Mechanism],
     sample_rate: float,
@@ -39,7 +40,11 @@ def plan_round(
     noise_multiplier: float | None = None,
     private: bool = True,
 ) -> RoundPlan:
-    """σ for this round and the cumulative ε it leads to, or why it is refused."""
+    """σ for this round and the cumulative ε it leads to, or why it is refused.
+
+    `noise_multiplier`: fixed by the config or kept from this run's earlier rounds: used
+    as is, no search. None: the smallest σ that keeps the planned steps within the target.
+    """
     spent = earlier_runs + this_run
     before = epsilon(spent, delta)
     if budget.delta is not None and delta > budget.delta:

@@ -14,6 +14,7 @@ import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from contracts.errors import FedslmError
 from privacy.accountant import Mechanism
 
 GENESIS = "0" * 64
@@ -34,7 +35,7 @@ BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
 """
 
 
-class LedgerError(ValueError):
+class LedgerError(FedslmError):
     """A ledger file that cannot be read or written as a ledger."""
 
 

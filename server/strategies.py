@@ -1,4 +1,4 @@
-"""Aggregation of LoRA adapter updates (numpy only: the server needs no training stack).
+"""fedslm's strategies over LoRA adapters, shaped like Flower's message-API strategies.
 
 - `fedavg`: the weighted mean of every A and B (the baseline). The mean of the factors
   is not the mean of the updates B·A they stand for; local steps are few, so it works.
@@ -10,19 +10,53 @@
   update is zero-padded to the global rank and rank component i is averaged over the
   clients that have it (not exact: it averages factors, like fedavg).
 Weights are the clients' training-example counts. Under DP each client's noise is in
-its own update already (sample-level DP); the server adds none unless central-dp.
+its own update already (sample-level DP); the server adds none unless central-dp
+(server/central_dp.py wraps a strategy).
+
+Each strategy subclasses Flower's `Strategy`, but fedslm's round engine
+(server/engine.py) calls configure_*/aggregate_* itself instead of `Strategy.start()`:
+a fedslm round also waits for nodes, skips its training when fewer than `min-replies`
+updates pass validation, stops when every client's privacy budget is spent,
+checkpoints so that a stopped run resumes, and records each client's reply in
+metrics.jsonl; and round 0 is a federated evaluation that gathers the clients' shared
+initial adapter, where `start()` takes initial arrays and evaluates centrally.
+
+A new strategy is a subclass here with its `name` (which registers it in STRATEGIES)
+and its `average`; what it asks of the clients is its StrategySpec in contracts/adapter.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import math
+from abc import abstractmethod
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
-Arrays = dict[str, np.ndarray]
+from contracts.adapter import Arrays, cut_to_rank, is_lora_a, rank_of, sent_part, spec
+from contracts.wire import (
+    ARRAYS,
+    CONFIG,
+    EVAL_CORRECT,
+    EVAL_LOSS_SUM,
+    EVAL_TOKENS,
+    METRICS,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+)
+from server.nodes import NodePool
+from server.replies import from_record, to_record
+
+log = logging.getLogger("fedslm")
+Update = tuple[Arrays, float]  # an adapter and its weight (the client's example count)
 
 
-def fedavg(updates: Sequence[tuple[Arrays, float]]) -> Arrays:
+def fedavg(updates: Sequence[Update]) -> Arrays:
     """Weighted mean of each tensor (weights: the clients' example counts)."""
     if not updates:
         raise ValueError("no updates to aggregate")
@@ -39,7 +73,7 @@ def fedavg(updates: Sequence[tuple[Arrays, float]]) -> Arrays:
     }
 
 
-def hetlora(updates: Sequence[tuple[Arrays, float]], rank: int) -> Arrays:
+def hetlora(updates: Sequence[Update], rank: int) -> Arrays:
     """Adapters of different ranks into one of rank `rank`: component i (row i of each A,
     column i of each B) is the weighted mean over the clients whose rank exceeds i;
     components no client has stay zero. With equal ranks this is `fedavg`."""
@@ -64,53 +98,133 @@ def hetlora(updates: Sequence[tuple[Arrays, float]], rank: int) -> Arrays:
     return out
 
 
-def is_lora_a(key: str) -> bool:
-    return ".lora_A." in key
+def evaluation(metrics: Sequence[MetricRecord]) -> MetricRecord:
+    """Held-out loss, perplexity and token accuracy over every evaluated token."""
+    tokens = sum(m[EVAL_TOKENS] for m in metrics)
+    loss = sum(m[EVAL_LOSS_SUM] for m in metrics) / tokens if tokens else math.nan
+    return MetricRecord({
+        "eval_loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else math.inf,
+        "token_accuracy": sum(m[EVAL_CORRECT] for m in metrics) / tokens if tokens else 0,
+    })
 
 
-def sent_part(arrays: Arrays, strategy: str) -> Arrays:
-    """What travels between server and clients: everything, or only B under FFA-LoRA."""
-    if strategy == "ffa-lora":
-        return {k: v for k, v in arrays.items() if not is_lora_a(k)}
-    return arrays
+STRATEGIES: dict[str, type[AdapterStrategy]] = {}
 
 
-def rank_of(arrays: Arrays) -> int:
-    return next((v.shape[0] for k, v in arrays.items() if is_lora_a(k)), 0)
+class AdapterStrategy(Strategy):
+    """A strategy over a global LoRA adapter. The global adapter comes in as the
+    `arrays` of configure_*; what is sent of it follows the strategy's StrategySpec;
+    aggregate_train returns the whole new global adapter."""
+
+    name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            spec(cls.name)  # ValueError unless the clients know it (contracts/adapter.py)
+            STRATEGIES[cls.name] = cls
+
+    def __init__(self, nodes: NodePool) -> None:
+        self.nodes = nodes
+        self.current: Arrays = {}  # the global adapter the last configured round sent
+        self.sample_rate = 1.0  # q at which the last round's trainers were sampled
+
+    def summary(self) -> None:
+        log.info("strategy %s, node sampling %s", self.name, self.nodes.sampling)
+
+    def start(self, *args: Any, **kwargs: Any) -> Any:
+        """Not used: aggregate_train needs updates that server/validation.py decoded and
+        checked, which Flower's loop does not do; server/engine.py runs the rounds."""
+        raise NotImplementedError("fedslm strategies are run by server.engine.Federation")
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """A train message, with what the strategy sends of `arrays`, to each sampled node."""
+        nodes, self.sample_rate = self.nodes.for_training(server_round, grid)
+        return self._messages(MessageType.TRAIN, server_round, nodes, arrays, config)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """An evaluate message to each evaluating node."""
+        nodes = self.nodes.for_evaluation(server_round, grid)
+        return self._messages(MessageType.EVALUATE, server_round, nodes, arrays, config)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global adapter from the replies' (validated, decoded) updates, and
+        the number of examples they trained on; (None, None) without updates."""
+        updates = self.updates(replies)
+        if not updates:
+            return None, None
+        total = float(sum(weight for _, weight in updates))
+        return to_record(self.merge(self.average(updates))), MetricRecord({NUM_EXAMPLES: total})
+
+    def aggregate_evaluate(self, server_round: int,
+                           replies: Iterable[Message]) -> MetricRecord | None:
+        """eval_loss, perplexity and token_accuracy over the replies' tokens."""
+        metrics = [m.content[METRICS] for m in replies if not m.has_error()]
+        return evaluation(metrics) if metrics else None
+
+    def sent(self) -> Arrays:
+        """What the last configured round sent of the global adapter."""
+        return sent_part(self.current, self.name)
+
+    def expected_update(self, update: Arrays) -> Arrays:
+        """The adapter a client's update must fit (names, shapes, dtypes): what it was sent."""
+        return self.sent()
+
+    def updates(self, replies: Iterable[Message]) -> list[Update]:
+        """Each reply's update and its weight, in the order of the replies."""
+        return [(from_record(m.content.array_records[ARRAYS]),
+                 m.content[METRICS][NUM_EXAMPLES]) for m in replies if not m.has_error()]
+
+    @abstractmethod
+    def average(self, updates: Sequence[Update]) -> Arrays:
+        """The aggregate of the updates (of what was sent)."""
+
+    def merge(self, aggregate: Arrays) -> Arrays:
+        """The new global adapter: the aggregate, and what was not sent as it was."""
+        return {**self.current, **aggregate}
+
+    def privacy_spent(self) -> float | None:
+        """The user-level ε of the released adapters; None without central DP."""
+        return None
+
+    def close(self) -> None:
+        """Release what the strategy holds open (nothing, without central DP)."""
+
+    def _messages(self, kind: str, rnd: int, nodes: list[int], arrays: ArrayRecord,
+                  config: ConfigRecord) -> list[Message]:
+        self.current = from_record(arrays)
+        record = ArrayRecord({k: arrays[k] for k in sent_part(self.current, self.name)})
+        config = ConfigRecord({**dict(config), SERVER_ROUND: rnd})
+        return [Message(RecordDict({ARRAYS: record, CONFIG: config}), dst_node_id=node,
+                        message_type=kind, group_id=str(rnd)) for node in nodes]
 
 
-def cut_to_rank(arrays: Arrays, rank: int) -> Arrays:
-    """The first `rank` components: rows of each A (r x in), columns of each B (out x r)."""
-    return {k: (v[:rank] if is_lora_a(k) else v[:, :rank]) for k, v in arrays.items()}
+class FedAvg(AdapterStrategy):
+    """The example-weighted mean of every tensor sent."""
+
+    name = "fedavg"
+
+    def average(self, updates: Sequence[Update]) -> Arrays:
+        return fedavg(updates)
 
 
-def update_norm(update: Arrays, reference: Arrays) -> float:
-    """L2 norm of (update - reference) over all tensors."""
-    return float(np.sqrt(sum(
-        np.sum((update[k].astype(np.float64) - reference[k].astype(np.float64)) ** 2)
-        for k in reference)))
+class FfaLora(FedAvg):
+    """FedAvg of B alone: A stays the shared seeded start and is never sent."""
+
+    name = "ffa-lora"
 
 
-def problems_with(update: Arrays, expected: Arrays, max_norm: float = 0.0) -> str | None:
-    """Why an update cannot be aggregated, or None when it can.
+class HetLora(AdapterStrategy):
+    """Clients of different ranks: each sends the first components of the global adapter."""
 
-    `expected` is the global adapter the client was sent: the update must have its
-    tensor names, shapes and dtypes, hold only finite values, and (when `max_norm`
-    > 0) differ from it by at most `max_norm` in L2 norm.
-    """
-    if set(update) != set(expected):
-        extra, missing = sorted(set(update) - set(expected)), sorted(set(expected) - set(update))
-        return (f"unexpected tensor names (extra {extra[:2]}{'...' if len(extra) > 2 else ''}, "
-                f"missing {missing[:2]}{'...' if len(missing) > 2 else ''})")
-    for key, value in update.items():
-        if value.shape != expected[key].shape:
-            return f"{key} has shape {value.shape}, expected {expected[key].shape}"
-        if value.dtype != expected[key].dtype:
-            return f"{key} has dtype {value.dtype}, expected {expected[key].dtype}"
-        if not np.all(np.isfinite(value)):
-            return f"{key} holds NaN or Inf"
-    if max_norm > 0:
-        norm = update_norm(update, expected)
-        if norm > max_norm:
-            return f"update norm {norm:.4g} exceeds max-update-norm {max_norm:g}"
-    return None
+    name = "hetlora"
+
+    def expected_update(self, update: Arrays) -> Arrays:
+        return cut_to_rank(self.sent(), rank_of(update))
+
+    def average(self, updates: Sequence[Update]) -> Arrays:
+        return hetlora(updates, rank_of(self.current))

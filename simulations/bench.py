@@ -32,7 +32,7 @@ class BenchConfig:
     batch: int = 8
     threads: int = 2
     lora_r: int = 8
-    micro_batch_tokens: int = 512  # the client default's memory lever (server/config.py)
+    micro_batch_tokens: int = 512  # the client default's memory lever (contracts/config.py)
     steps: int = 6
     warmup: int = 1
     quick: bool = False  # structure only: one step per case, a tiny round
@@ -123,8 +123,9 @@ def update_sizes(cfg: BenchConfig) -> list[dict[str, Any]]:
     import torch
     from flwr.app import Array, ArrayRecord
 
-    from client import codec
-    from client import model as model_mod
+    from client import adapter as adapter_mod
+    from client import base_model as model_mod
+    from contracts import codec
     from server.app import payload_bytes
 
     source = model_mod.prepare_base(cfg.model)
@@ -134,8 +135,8 @@ def update_sizes(cfg: BenchConfig) -> list[dict[str, Any]]:
             for name, size in (("bf16", 2), ("fp32", 4))}
     rows = []
     for strategy, rank in (("fedavg", cfg.lora_r), ("ffa-lora", cfg.lora_r), ("hetlora", 2)):
-        model = model_mod.attach_lora(base, rank, 2.0 * rank, 0.0, ["q_proj", "v_proj"], 0)
-        adapter = model_mod.get_adapter(model)
+        model = adapter_mod.attach_lora(base, rank, 2.0 * rank, 0.0, ["q_proj", "v_proj"], 0)
+        adapter = adapter_mod.get_adapter(model)
         base = model.unload()
         if strategy == "ffa-lora":
             adapter = {k: v for k, v in adapter.items() if ".lora_A." not in k}
@@ -153,7 +154,7 @@ def update_sizes(cfg: BenchConfig) -> list[dict[str, Any]]:
 def federation_overhead(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
     """A simulated federation (2 clients, one at a time with all threads, 3 rounds): each
     round's wall time against the sum of its clients' training and evaluation time."""
-    from server.records import read_metrics
+    from contracts.rundir import read_metrics
     from simulations.engine import simulate
 
     overrides = {"model": cfg.model, "data": cfg.data, "num-clients": 2,

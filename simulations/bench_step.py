@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
+from client import adapter as adapter_mod
+from client import base_model as model_mod
 from client import data as data_mod
-from client import model as model_mod
-from client.trainer import DPSettings, backward, make_optimizer, make_private
+from client.trainer import backward, make_optimizer, make_private
 
 
 def _rss_mb(field: str) -> float:
@@ -64,7 +65,7 @@ def _load(case: dict[str, Any]):
         case.update(quantization=quant.mode, dtype=quant.dtype, resolved=quant.reason)
     quant = model_mod.Quantization(case["quantization"], case["dtype"], "bench")
     base, tokenizer = model_mod.load_base(source, quant, device)
-    model = model_mod.attach_lora(base, case["lora_r"], 2.0 * case["lora_r"], 0.0,
+    model = adapter_mod.attach_lora(base, case["lora_r"], 2.0 * case["lora_r"], 0.0,
                                   ["q_proj", "v_proj"], 0)
     return model, [b.to(device) for b in _batches(case, tokenizer)], device
 
@@ -75,9 +76,11 @@ def run(case: dict[str, Any]) -> dict[str, Any]:
     load_seconds = time.perf_counter() - started
     rss_loaded = _rss_mb("VmRSS")
     params = [p for p in model.parameters() if p.requires_grad]
-    dp = DPSettings(1.0, 1.0) if case["dp"] else None
-    forward, optimizer = make_private(model, make_optimizer(params, "adamw", 1e-4), dp,
-                                      case["batch"], torch.Generator().manual_seed(1))
+    forward, optimizer = make_private(model, make_optimizer(params, "adamw", 1e-4),
+                                      noise_multiplier=1.0,
+                                      clip_norm=1.0 if case["dp"] else None,
+                                      expected_batch=case["batch"],
+                                      noise=torch.Generator().manual_seed(1))
 
     def step(i: int) -> None:
         batch = batches[i % len(batches)]
@@ -125,8 +128,8 @@ def _step(case: dict[str, Any], forward, optimizer, batch: data_mod.Examples) ->
     if case["loss"] == "hf":
         _hf_loss(forward, batch).backward()
     else:
-        backward(forward, optimizer, batch, case["batch"], case["dp"],
-                 case.get("micro_batch", 0), case["loss"] == "chunked")
+        backward(forward, optimizer, batch, batch_size=case["batch"], private=case["dp"],
+                 micro_batch=case.get("micro_batch", 0), chunked_loss=case["loss"] == "chunked")
     optimizer.step()
 
 
@@ -143,8 +146,10 @@ def run_pair(pair: dict[str, Any]) -> dict[str, Any]:
         case, (model, batches, device) = (pair["a"], pair["b"])[which], loaded[which]
         params = [p for p in model.parameters() if p.requires_grad]
         forward, optimizer = make_private(model, make_optimizer(params, "adamw", 1e-4),
-                                          DPSettings(1.0, 1.0) if case["dp"] else None,
-                                          case["batch"], torch.Generator().manual_seed(i))
+                                          noise_multiplier=1.0,
+                                          clip_norm=1.0 if case["dp"] else None,
+                                          expected_batch=case["batch"],
+                                          noise=torch.Generator().manual_seed(i))
         model.train()
         seconds = _timed(device, _step, case, forward, optimizer,
                          batches[(i // 2) % len(batches)])

@@ -19,9 +19,12 @@ from typing import Any
 
 import torch
 
+from client import base_model as model_mod
 from client import data as data_mod
-from client import model as model_mod
 from client.evaluation import per_example_loss
+from contracts.environment import default_cache_dir
+from contracts.rundir import AUDIT, CANARIES, EMPIRICAL, read_metrics
+from contracts.wire import Status
 from privacy.attacks import auc, exposure, one_run_lower_bound, tpr_at_fpr
 
 NAMES = ("Avery", "Blake", "Casey", "Devon", "Emery", "Finley", "Harper", "Jordan", "Kendall",
@@ -42,16 +45,16 @@ def plant(m: int, run_dir: Path) -> Path:
         prefix = f"The secret number of {NAMES[i % len(NAMES)]} {i} is "
         canaries.append({"prefix": prefix, "secret": _secret(),
                          "included": bool(secrets.randbelow(2))})
-    path = run_dir / "audit" / "canaries.json"
+    path = run_dir / AUDIT / CANARIES
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"partition": CANARY_PARTITION, "canaries": canaries}, indent=1))
     return path
 
 
 def score(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
-    planted = json.loads((run_dir / "audit" / "canaries.json").read_text())["canaries"]
+    planted = json.loads((run_dir / AUDIT / CANARIES).read_text())["canaries"]
     source = model_mod.prepare_base(config["model"], Path(config["cache-dir"] or
-                                                           model_mod.default_cache_dir()))
+                                                           default_cache_dir()))
     device = torch.device("cpu")
     quant = model_mod.Quantization("none", str(model_mod.compute_dtype(device))[6:], "audit")
     base, tokenizer = model_mod.load_base(source, quant, device)
@@ -86,7 +89,7 @@ def score(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
         "epsilon_accountant": _accountant_epsilon(run_dir, config),
         "dp": config["dp"],
     }
-    (run_dir / "audit" / "empirical.json").write_text(json.dumps(result, indent=2))
+    (run_dir / AUDIT / EMPIRICAL).write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -99,9 +102,8 @@ def _encode(texts: list[str], tokenizer) -> data_mod.Examples:
 
 def _accountant_epsilon(run_dir: Path, config: dict[str, Any]) -> float | None:
     name = data_mod.partition(config["data"], CANARY_PARTITION).client
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for line in reversed(lines):
+    for line in reversed(read_metrics(run_dir)):
         for row in line["clients"]:
-            if row["client"] == name and row.get("status") == "trained":
+            if row["client"] == name and row.get("status") == Status.TRAINED:
                 return row["epsilon"]  # None: trained without DP, ε = ∞
     return None

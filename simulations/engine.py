@@ -8,13 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from client.base_model import ModelError, check_lora_targets, check_model, prepare_base
 from client.data import DataError, partitions
-from client.model import ModelError, check_lora_targets, prepare_base
 from client.profiles import profile
-from server.config import resume_config, validate
-from server.records import checkpoint_round, new_run_dir
+from contracts.config import resolve
+from contracts.environment import apply_loopback
+from contracts.rundir import load_checkpoint, new_run_dir
+from contracts.wire import format_epsilon
 from simulations import canaries
-from simulations.loopback import apply_loopback
 
 log = logging.getLogger("fedslm")
 
@@ -30,18 +31,19 @@ def preflight(config: dict[str, Any]) -> None:
         )
     cache = Path(config["cache-dir"]) if config["cache-dir"] else None
     source = prepare_base(config["model"], cache)  # builds the cache once, not per client
+    check_model(source)
     check_lora_targets(source, [t.strip() for t in config["lora-targets"].split(",")])
 
 
 def simulate(overrides: dict[str, Any], echo: Callable[[str], None] = print,
-             client_app: Any = None) -> Path:
-    """Run a local federation; returns the run directory. `echo` receives the summary
-    lines; `client_app` replaces fedslm's ClientApp (tests use one that misbehaves)."""
-    config = validate(overrides)
+             client_app: Any = None, file: str | Path | None = None) -> Path:
+    """Run a local federation; returns the run directory. The config is resolved from
+    the defaults, `file` and `overrides` (contracts.config.resolve). `echo` receives the
+    summary lines; `client_app` replaces fedslm's ClientApp (tests use one that misbehaves)."""
+    config = resolve(file=file, flags=overrides)
     if config["resume"]:
-        config = resume_config(config["resume"])
         run_dir = Path(config["resume"])
-        checkpoint_round(run_dir)  # fail now, not inside the engine
+        load_checkpoint(run_dir)  # fail now, not inside the engine
     apply_loopback()
     preflight(config)
     if config["threads"] == 0:
@@ -74,7 +76,7 @@ def simulate(overrides: dict[str, Any], echo: Callable[[str], None] = print,
         echo(f"empirical audit: AUC {result['auc']:.3f}, TPR@1%FPR "
              f"{result['tpr_at_1pct_fpr']:.3f}, exposure {result['exposure_mean']:.2f} bits, "
              f"ε lower bound {result['epsilon_lower_bound']:.2f} (95%) vs accountant ε "
-             + ("∞ (no DP)" if eps is None else f"{eps:.2f}"))
+             + format_epsilon(eps))
     echo(str(run_dir))
     return run_dir
 

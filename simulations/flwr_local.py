@@ -54,7 +54,7 @@ def _stop(pids: set[int]) -> None:
 
 
 def run(supernodes: int, run_config: str, app_dir: Path = APP_DIR) -> int:
-    from simulations.loopback import apply_loopback
+    from contracts.environment import apply_loopback
 
     env = apply_loopback()
     flwr_home = _flower_home(Path(env["FEDSLM_CACHE_DIR"]))

@@ -9,27 +9,29 @@ privacy-utility-energy trade-off.
 from __future__ import annotations
 
 import html
-import json
 import math
 from pathlib import Path
 from typing import Any
 
+from contracts import rundir
+from contracts.errors import FedslmError
+from contracts.wire import format_epsilon
+
 PLOT_DPI = 110
 
 
-class ReportError(ValueError):
+class ReportError(FedslmError):
     """A run directory that cannot be reported."""
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
+    """A run's config and rounds; ReportError naming the file when either is unreadable
+    or a round lacks a key of the run-directory contract."""
     try:
-        config = json.loads((run_dir / "config.json").read_text())
-        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-                 if x.strip()]
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{run_dir} is not a fedslm run directory ({exc})") from None
-    if not lines:
-        raise ReportError(f"{run_dir} has no rounds in metrics.jsonl")
+        config = rundir.read_config(run_dir)
+        lines = rundir.read_metrics(run_dir, check=True)
+    except rundir.RunDirError as exc:
+        raise ReportError(str(exc)) from None
     return {"dir": run_dir, "name": run_dir.name, "config": config, "rounds": lines}
 
 
@@ -54,12 +56,10 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "∞"
-    if isinstance(value, float):
-        return "∞" if math.isinf(value) else f"{value:.{digits}f}"
-    return str(value)
+def _fmt(key: str, value: Any, digits: int = 2) -> str:
+    if key == "epsilon":
+        return format_epsilon(value, digits)
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 COLUMNS = [("run", "run"), ("rounds", "rounds"), ("epsilon", "ε"), ("ppl_start", "ppl round 0"),
@@ -73,7 +73,7 @@ def compare_table(runs: list[dict[str, Any]]) -> str:
     rows = [summary(r) for r in runs]
     out = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
            "|" + "---|" * len(COLUMNS)]
-    out += ["| " + " | ".join(_fmt(row[key]) for key, _ in COLUMNS) + " |" for row in rows]
+    out += ["| " + " | ".join(_fmt(key, row[key]) for key, _ in COLUMNS) + " |" for row in rows]
     return "\n".join(out)
 
 

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.config import ConfigError, read_toml, validate
+from contracts.config import ConfigError, read_toml, validate
+from contracts.wire import format_epsilon
 from simulations.report import load_run, summary, write_report
 
 COLUMNS = ["epsilon", "ppl_final", "token_accuracy", "energy_kj", "mb_up", "mb_down",
@@ -110,14 +111,14 @@ def _measures(run: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "∞"
+def _fmt(key: str, value: Any) -> str:
+    if key == "epsilon":
+        return format_epsilon(value)
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
 def _describe(row: dict[str, Any]) -> str:
-    return "  ".join(f"{k} {_fmt(row[k])}" for k in COLUMNS if k in row)
+    return "  ".join(f"{k} {_fmt(k, row[k])}" for k in COLUMNS if k in row)
 
 
 def markdown(rows: list[dict[str, Any]], header: list[str]) -> str:
@@ -126,6 +127,6 @@ def markdown(rows: list[dict[str, Any]], header: list[str]) -> str:
               "round_seconds": "s/round", "peak_rss_mb": "peak MB", "wall_minutes": "wall min"}
     out = ["| " + " | ".join(titles.get(h, h) for h in header) + " |",
            "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(_fmt(row.get(h)) if h in COLUMNS else str(row.get(h, ""))
+    out += ["| " + " | ".join(_fmt(h, row.get(h)) if h in COLUMNS else str(row.get(h, ""))
                               for h in header) + " |" for row in rows]
     return "\n".join(out) + "\n"

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from client.settings import ClientSettings
-from server.config import DEFAULTS
+from contracts.config import DEFAULTS
 
 
 def client_settings(model: Path, data: Path, state: Path, **overrides: Any) -> ClientSettings:

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from client import model as model_mod
-from client.rounds import Session, train_round
-from server.records import save_adapter
+from client import adapter as adapter_mod
+from client import base_model as model_mod
+from client.base_model import ModelError
+from client.cache import Session
+from client.rounds import train_round
+from contracts.rundir import save_adapter
 from server.strategies import fedavg
 from tests.helpers import client_settings
 
@@ -17,11 +20,11 @@ FP32 = model_mod.Quantization("none", "float32", "test")
 
 def _lora(tiny_model, seed=0, r=4):
     base, _ = model_mod.load_base(str(tiny_model), FP32, torch.device("cpu"))
-    return model_mod.attach_lora(base, r, 8.0, 0.0, ["q_proj", "v_proj"], seed)
+    return adapter_mod.attach_lora(base, r, 8.0, 0.0, ["q_proj", "v_proj"], seed)
 
 
 def test_initial_adapter_depends_on_the_seed_only(tiny_model):
-    a, b, c = (model_mod.get_adapter(_lora(tiny_model, s)) for s in (3, 3, 4))
+    a, b, c = (adapter_mod.get_adapter(_lora(tiny_model, s)) for s in (3, 3, 4))
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert any(not np.array_equal(a[k], c[k]) for k in a if "lora_A" in k)
     assert all(not a[k].any() for k in a if "lora_B" in k)  # B = 0: starts as the base model
@@ -31,7 +34,7 @@ def test_a_round_changes_the_adapter_and_the_aggregate_round_trips_through_peft(
         tiny_model, text_clients, tmp_path):
     from peft import PeftModel, get_peft_model_state_dict
 
-    initial = model_mod.get_adapter(_lora(tiny_model))
+    initial = adapter_mod.get_adapter(_lora(tiny_model))
     updates = []
     for partition in (0, 1):
         Session.forget()
@@ -54,14 +57,14 @@ def test_a_round_changes_the_adapter_and_the_aggregate_round_trips_through_peft(
 
 def test_an_incompatible_adapter_is_refused_by_name(tiny_model):
     model = _lora(tiny_model)
-    arrays = model_mod.get_adapter(model)
+    arrays = adapter_mod.get_adapter(model)
     key = next(iter(arrays))
-    with pytest.raises(model_mod.ModelError, match="incompatible adapter: .*shape"):
-        model_mod.set_adapter(model, {**arrays, key: np.zeros((1, 1), np.float32)})
-    with pytest.raises(model_mod.ModelError, match="incompatible adapter: 0 unexpected and 1"):
-        model_mod.set_adapter(model, {k: v for k, v in arrays.items() if k != key})
-    with pytest.raises(model_mod.ModelError, match="incompatible adapter: 1 unexpected"):
-        model_mod.set_adapter(model, {**arrays, "x.lora_A.weight": arrays[key]})
+    with pytest.raises(ModelError, match="incompatible adapter: .*shape"):
+        adapter_mod.set_adapter(model, {**arrays, key: np.zeros((1, 1), np.float32)})
+    with pytest.raises(ModelError, match="incompatible adapter: 0 unexpected and 1"):
+        adapter_mod.set_adapter(model, {k: v for k, v in arrays.items() if k != key})
+    with pytest.raises(ModelError, match="incompatible adapter: 1 unexpected"):
+        adapter_mod.set_adapter(model, {**arrays, "x.lora_A.weight": arrays[key]})
 
 
 def test_fedavg_is_the_example_weighted_mean():

@@ -20,9 +20,20 @@ from privacy.ledger import Entry, Ledger
 MECH = (1.0, 0.05, 20)
 
 
+def _plan(earlier, this_run, q, steps, planned, delta, target, budget, **kw):
+    return plan_round(earlier_runs=earlier, this_run=this_run, sample_rate=q, steps=steps,
+                      planned_steps=planned, delta=delta, target_epsilon=target, budget=budget,
+                      **kw)
+
+
+def test_plan_takes_keyword_arguments_only():
+    with pytest.raises(TypeError):
+        plan_round([], [], 0.05, 10, 30, 1e-5, 6.0, Budget())  # type: ignore[misc]
+
+
 def test_plan_derives_noise_so_the_planned_rounds_land_on_the_target():
     earlier = [(0.8, 0.05, 30)]
-    plan = plan_round(earlier, [], 0.05, 10, 30, 1e-5, target_epsilon=6.0, budget=Budget())
+    plan = _plan(earlier, [], 0.05, 10, 30, 1e-5, target=6.0, budget=Budget())
     assert plan.refused == ""
     final = epsilon(earlier + [(plan.noise_multiplier, 0.05, 30)], 1e-5)
     assert 5.9 < final <= 6.0  # the whole planned run, earlier spend included
@@ -31,17 +42,17 @@ def test_plan_derives_noise_so_the_planned_rounds_land_on_the_target():
 def test_plan_refuses_what_the_budget_does_not_allow():
     spent = [MECH]
     before = epsilon(spent, 1e-5)
-    over = plan_round(spent, [], 0.05, 20, 20, 1e-5, 100.0, Budget(epsilon=before * 1.1),
+    over = _plan(spent, [], 0.05, 20, 20, 1e-5, 100.0, Budget(epsilon=before * 1.1),
                       noise_multiplier=1.0)
     assert over.refused.startswith("this round would bring ε to")
     assert over.epsilon_after > before * 1.1
-    exhausted = plan_round(spent, [], 0.05, 20, 20, 1e-5, 100.0, Budget(epsilon=before * 0.99))
+    exhausted = _plan(spent, [], 0.05, 20, 20, 1e-5, 100.0, Budget(epsilon=before * 0.99))
     assert exhausted.refused.startswith("budget exhausted")
-    assert plan_round([], [], 0.05, 20, 20, 1e-4, 8.0, Budget(delta=1e-5)).refused == \
+    assert _plan([], [], 0.05, 20, 20, 1e-4, 8.0, Budget(delta=1e-5)).refused == \
         "δ=0.0001 exceeds the budget δ=1e-05"
-    no_dp = plan_round([], [], 0.05, 20, 20, 1e-5, 8.0, Budget(epsilon=50), private=False)
+    no_dp = _plan([], [], 0.05, 20, 20, 1e-5, 8.0, Budget(epsilon=50), private=False)
     assert no_dp.refused and math.isinf(no_dp.epsilon_after)
-    fits = plan_round(spent, [], 0.05, 20, 20, 1e-5, 100.0, Budget(epsilon=before * 3),
+    fits = _plan(spent, [], 0.05, 20, 20, 1e-5, 100.0, Budget(epsilon=before * 3),
                       noise_multiplier=1.0)
     assert fits.refused == "" and fits.epsilon_after <= before * 3
 
@@ -183,7 +194,7 @@ def test_the_spend_survives_a_crash_between_training_and_reply(tiny_model, text_
         from tests.helpers import client_settings
         def crash(model):
             os._exit(3)  # killed after training, before the update is packed
-        rounds.model_mod.get_adapter = crash
+        rounds.adapter_mod.get_adapter = crash
         s = client_settings({str(tiny_model)!r}, {str(text_clients)!r}, {str(tmp_path)!r})
         rounds.train_round(s, {{}})
     """)

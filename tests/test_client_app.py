@@ -6,8 +6,9 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.app import evaluate, train
-from client.rounds import Session, evaluate_round, train_round
-from server.config import DEFAULTS
+from client.cache import Session
+from client.rounds import evaluate_round, train_round
+from contracts.config import DEFAULTS
 from tests.helpers import client_settings
 
 INFO_KEYS = {"client", "status", "energy-method", "quantization", "quantization-reason",
@@ -75,10 +76,10 @@ def test_one_process_serves_clients_in_turn_with_one_model(tiny_model, text_clie
     s1 = client_settings(tiny_model, text_clients, tmp_path, partition_id=1, lora_r=4)
     Session.forget()
     initial, _, _ = evaluate_round(s0, {})
-    model = Session._model[1][0]
+    model = Session.loaded_model().model
     train_round(s0, initial)  # client 0's trained adapter is now in the shared model
     _, shared, info = evaluate_round(s1, initial)
-    assert Session._model[1][0] is model and info["client"] == "client-1"
+    assert Session.loaded_model().model is model and info["client"] == "client-1"
     Session.forget()
     _, fresh, _ = evaluate_round(s1, initial)
     assert shared["eval-loss-sum"] == fresh["eval-loss-sum"]

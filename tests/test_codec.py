@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client import codec
+from contracts import codec
 from server.strategies import fedavg
 
 

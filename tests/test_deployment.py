@@ -16,8 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from contracts.rundir import read_metrics
 from privacy.ledger import Ledger
-from server.records import read_metrics
 from tests.test_simulation import CLIENT_KEYS, RUN_KEYS
 
 pytestmark = pytest.mark.slow

@@ -6,17 +6,28 @@ import numpy as np
 import pytest
 import torch
 
+from client import adapter as adapter_mod
+from client import base_model as model_mod
 from client import data as data_mod
-from client import model as model_mod
+from client.dp_plan import DPPlan
 from client.loss import per_sequence_loss
-from client.trainer import DPSettings, train
+from client.trainer import train
 
 FP32 = model_mod.Quantization("none", "float32", "test")
 
 
+def _dp(noise_multiplier: float, clip_norm: float) -> dict:
+    return {"noise_multiplier": noise_multiplier, "clip_norm": clip_norm}
+
+
+def _plan(examples, dp, steps, batch) -> DPPlan:
+    return DPPlan.for_data(num_examples=len(examples), batch_size=batch, steps=steps,
+                           **(dp or {}))
+
+
 def _lora_model(tiny_model, seed=0):
     base, tokenizer = model_mod.load_base(str(tiny_model), FP32, torch.device("cpu"))
-    return model_mod.attach_lora(base, 4, 8.0, 0.0, ["q_proj", "v_proj"], seed), tokenizer
+    return adapter_mod.attach_lora(base, 4, 8.0, 0.0, ["q_proj", "v_proj"], seed), tokenizer
 
 
 def _examples(tiny_model, text_clients, seq_len=32):
@@ -27,10 +38,12 @@ def _examples(tiny_model, text_clients, seq_len=32):
 
 def _run(tiny_model, examples, dp, steps=3, optimizer="sgd", batch=8, noise_seed=1, micro=0):
     model, _ = _lora_model(tiny_model)
-    before = model_mod.get_adapter(model)
-    result = train(model, examples, steps, batch, 0.5, dp, torch.Generator().manual_seed(7),
-                   torch.Generator().manual_seed(noise_seed), optimizer, micro_batch=micro)
-    after = model_mod.get_adapter(model)
+    before = adapter_mod.get_adapter(model)
+    result = train(model, examples, plan=_plan(examples, dp, steps, batch), lr=0.5,
+                   sampling=torch.Generator().manual_seed(7),
+                   noise=torch.Generator().manual_seed(noise_seed), optimizer_name=optimizer,
+                   micro_batch=micro)
+    after = adapter_mod.get_adapter(model)
     return before, after, result
 
 
@@ -43,7 +56,7 @@ def test_dp_with_no_noise_and_no_clipping_equals_plain_training(tiny_model, text
                                                                optimizer):
     examples = _examples(tiny_model, text_clients)
     before, plain, _ = _run(tiny_model, examples, None, optimizer=optimizer)
-    _, private, _ = _run(tiny_model, examples, DPSettings(0.0, 1e9), optimizer=optimizer)
+    _, private, _ = _run(tiny_model, examples, _dp(0.0, 1e9), optimizer=optimizer)
     moved = _max_diff(before, plain)
     assert moved > 1e-4, "plain training did not move the adapter"
     # float32 sums in a different order: equal to ~1e-7 of the update (Adam amplifies
@@ -62,7 +75,7 @@ def test_per_sample_gradients_match_per_example_autograd(tiny_model, text_client
 
     examples = _examples(tiny_model, text_clients).select(torch.arange(4))
     model, _ = _lora_model(tiny_model)
-    model_mod.set_adapter(model, {k: v + 0.01 for k, v in model_mod.get_adapter(model).items()})
+    adapter_mod.set_adapter(model, {k: v + 0.01 for k, v in adapter_mod.get_adapter(model).items()})
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     expected = []
     for i in range(len(examples)):
@@ -78,7 +91,7 @@ def test_per_sample_gradients_match_per_example_autograd(tiny_model, text_client
     gsm._close()
 
 
-@pytest.mark.parametrize("dp", [None, DPSettings(1.0, 0.05)], ids=["plain", "dp"])
+@pytest.mark.parametrize("dp", [None, _dp(1.0, 0.05)], ids=["plain", "dp"])
 def test_micro_batches_give_the_same_update(tiny_model, text_clients, dp):
     """Splitting each drawn batch (clipping active, noise on) changes memory, not the update."""
     examples = _examples(tiny_model, text_clients)
@@ -93,8 +106,8 @@ def test_micro_batches_give_the_same_update(tiny_model, text_clients, dp):
 def test_noise_changes_the_update(tiny_model, text_clients):
     examples = _examples(tiny_model, text_clients)
     _, plain, _ = _run(tiny_model, examples, None)
-    _, noisy, _ = _run(tiny_model, examples, DPSettings(1.0, 1.0))
-    _, noisy_again, _ = _run(tiny_model, examples, DPSettings(1.0, 1.0), noise_seed=2)
+    _, noisy, _ = _run(tiny_model, examples, _dp(1.0, 1.0))
+    _, noisy_again, _ = _run(tiny_model, examples, _dp(1.0, 1.0), noise_seed=2)
     assert _max_diff(plain, noisy) > 1e-3
     assert _max_diff(noisy, noisy_again) > 1e-3, "noise did not depend on its generator"
 
@@ -104,17 +117,17 @@ def test_clipping_bounds_each_example(tiny_model, text_clients):
     examples = _examples(tiny_model, text_clients).select(torch.arange(1))
     clip, lr = 1e-3, 0.5
     model, _ = _lora_model(tiny_model)
-    before = model_mod.get_adapter(model)
-    train(model, examples, 1, 1, lr, DPSettings(0.0, clip), torch.Generator().manual_seed(0),
-          None, "sgd")
-    after = model_mod.get_adapter(model)
+    before = adapter_mod.get_adapter(model)
+    train(model, examples, plan=_plan(examples, _dp(0.0, clip), 1, 1), lr=lr,
+          sampling=torch.Generator().manual_seed(0), optimizer_name="sgd")
+    after = adapter_mod.get_adapter(model)
     step = np.sqrt(sum(float(((after[k] - before[k]) ** 2).sum()) for k in before))
     assert 0 < step <= lr * clip * 1.0001
 
 
 def test_empty_poisson_draws_still_take_a_noise_step(tiny_model, text_clients):
     examples = _examples(tiny_model, text_clients).select(torch.arange(20))
-    before, after, result = _run(tiny_model, examples, DPSettings(1.0, 1.0), steps=12, batch=1)
+    before, after, result = _run(tiny_model, examples, _dp(1.0, 1.0), steps=12, batch=1)
     assert result.empty_steps > 0
     assert result.sample_rate == pytest.approx(1 / 20)
     assert all(np.isfinite(v).all() for v in after.values())
@@ -139,6 +152,7 @@ def test_a_failed_step_leaves_no_captured_activations_on_the_model(tiny_model, t
     trainer_loss = trainer.per_sequence_loss
     monkeypatch.setattr(trainer, "per_sequence_loss", forward_then_fail)
     with pytest.raises(RuntimeError, match="out of memory"):
-        train(model, examples, 1, 8, 0.5, DPSettings(1.0, 1.0), torch.Generator().manual_seed(7))
+        train(model, examples, plan=_plan(examples, _dp(1.0, 1.0), 1, 8), lr=0.5,
+              sampling=torch.Generator().manual_seed(7))
     assert not [n for n, m in model.named_modules()
                 if hasattr(m, "activations") or hasattr(m, "max_batch_len")]

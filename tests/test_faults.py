@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from server.app import FederationError, Reply, _accept
-from server.records import load_checkpoint, read_metrics, save_checkpoint
-from server.strategies import problems_with
+from contracts.rundir import load_checkpoint, read_metrics, save_checkpoint
+from server.app import FederationError
+from server.replies import Reply
+from server.validation import accept_updates, problems_with
 
 GLOBAL = {"a.lora_A.weight": np.zeros((2, 4), np.float32),
           "a.lora_B.weight": np.zeros((4, 2), np.float32)}
@@ -55,11 +56,11 @@ def test_rejected_updates_leave_the_round_to_the_valid_ones(caplog):
     bad = Reply(node=12, client="bad", metrics={}, info={},
                 arrays=_update(a__lora_B__weight=np.full((4, 2), np.nan, np.float32)))
     failures: list = []
-    assert _accept([good, bad], failures, lambda u: GLOBAL, rnd=3) == [good]
+    assert accept_updates([good, bad], failures, lambda u: GLOBAL, rnd=3) == [good]
     assert failures == [{"node": 12, "client": "bad", "reason": "a.lora_B.weight holds NaN or Inf"}]
     assert "rejected update from node 12 (bad)" in caplog.text
     with pytest.raises(FederationError, match="1 usable updates, fewer than min-replies=2"):
-        _accept([good, bad], [], lambda u: GLOBAL, rnd=3, min_replies=2)
+        accept_updates([good, bad], [], lambda u: GLOBAL, rnd=3, min_replies=2)
 
 
 def test_checkpoint_round_trip_cuts_metrics_back(tmp_path):
@@ -77,7 +78,7 @@ def test_checkpoint_round_trip_cuts_metrics_back(tmp_path):
 
 SIMULATE = """
 import json, sys
-from simulations.loopback import apply_loopback
+from contracts.environment import apply_loopback
 apply_loopback()
 from simulations.engine import simulate
 

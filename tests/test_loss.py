@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from client import adapter as adapter_mod
+from client import base_model as model_mod
 from client import data as data_mod
 from client import loss as loss_mod
-from client import model as model_mod
 
 FP32 = model_mod.Quantization("none", "float32", "test")
 
@@ -46,8 +47,8 @@ def test_chunked_cross_entropy_refuses_a_trainable_head():
 
 def _model_and_batch(tiny_model, text_clients):
     base, tokenizer = model_mod.load_base(str(tiny_model), FP32, torch.device("cpu"))
-    model = model_mod.attach_lora(base, 4, 8.0, 0.0, ["q_proj", "v_proj"], 0)
-    model_mod.set_adapter(model, {k: v + 0.02 for k, v in model_mod.get_adapter(model).items()})
+    model = adapter_mod.attach_lora(base, 4, 8.0, 0.0, ["q_proj", "v_proj"], 0)
+    adapter_mod.set_adapter(model, {k: v + 0.02 for k, v in adapter_mod.get_adapter(model).items()})
     train, _ = data_mod.encode(data_mod.partition(str(text_clients), 0), tokenizer, 32, 8)
     batch = train.select(torch.arange(6))
     batch.labels[0, 20:] = -100  # a partly labelled sequence
@@ -85,7 +86,7 @@ def test_evaluation_statistics_match_the_reference(tiny_model, text_clients, mon
 
 def test_a_trainable_head_falls_back_to_full_logits(tiny_model, text_clients):
     base, tokenizer = model_mod.load_base(str(tiny_model), FP32, torch.device("cpu"))
-    model = model_mod.attach_lora(base, 4, 8.0, 0.0, ["q_proj", "v_proj"], 0)
+    model = adapter_mod.attach_lora(base, 4, 8.0, 0.0, ["q_proj", "v_proj"], 0)
     model.get_base_model().lm_head.weight.requires_grad_(True)
     assert loss_mod._parts(model) is None
 

@@ -6,7 +6,9 @@ import sqlite3
 
 import pytest
 
-from client.rounds import LEDGER_FILE, Session, train_round
+from client.cache import Session
+from client.rounds import train_round
+from contracts.rundir import LEDGER_FILE
 from privacy.accountant import epsilon, noise_for_target
 from privacy.ledger import Entry, Ledger, LedgerError
 from tests.helpers import client_settings

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from client import model as model_mod
-from client.rounds import Session, train_round
+from client import adapter as adapter_mod
+from client import base_model as model_mod
+from client.cache import Session
+from client.rounds import train_round
 from tests.helpers import client_settings
 
 
@@ -15,7 +17,7 @@ from tests.helpers import client_settings
 def test_each_mode_trains_under_dp(mode, tiny_model, text_clients, tmp_path):
     Session.forget()
     s = client_settings(tiny_model, text_clients, tmp_path, quantization=mode, lora_r=4)
-    initial = model_mod.get_adapter(Session.get(s).model)
+    initial = adapter_mod.get_adapter(Session.get(s).model)
     arrays, metrics, info = train_round(s, {})
     assert info["quantization"] == mode
     assert metrics["noise-multiplier"] > 0 and 0 < metrics["epsilon"] <= 8

@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from client import model as model_mod
+from client import adapter as adapter_mod
+from client import base_model as model_mod
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,7 @@ def test_the_cached_model_loads_fast_and_generates(source):
 def test_lora_attaches_to_the_real_model(source):
     quant = model_mod.choose_quantization("none", torch.device("cpu"), 0)
     model, _ = model_mod.load_base(source, quant, torch.device("cpu"))
-    peft_model = model_mod.attach_lora(model, 8, 16, 0.0, ["q_proj", "v_proj"], seed=0)
-    arrays = model_mod.get_adapter(peft_model)
+    peft_model = adapter_mod.attach_lora(model, 8, 16, 0.0, ["q_proj", "v_proj"], seed=0)
+    arrays = adapter_mod.get_adapter(peft_model)
     assert len(arrays) == 30 * 2 * 2
     assert sum(v.size for v in arrays.values()) == 460_800

@@ -47,7 +47,7 @@ def _ray_processes_since(start: float) -> list[str]:
 def test_two_clients_two_rounds_write_the_run_directory(tiny_model, text_clients, tmp_path):
     from peft import PeftModel, get_peft_model_state_dict
 
-    from client import model as model_mod
+    from client import base_model as model_mod
 
     start = time.time()
     out = _fedslm(["simulate", "--clients", "2", "--rounds", "2", "--local-steps", "3",
@@ -108,7 +108,7 @@ def test_a_run_whose_clients_all_fail_exits_non_zero(tiny_model, tmp_path):
 
 RAY_PROBE = """
 import json, os, psutil
-from simulations.loopback import apply_loopback
+from contracts.environment import apply_loopback
 apply_loopback()
 import ray
 ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")

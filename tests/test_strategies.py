@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from client import codec
-from client import model as model_mod
-from client.rounds import Session, evaluate_round, train_round
-from server.config import ConfigError, validate
-from server.strategies import cut_to_rank, fedavg, hetlora, sent_part
+from client import adapter as adapter_mod
+from client import base_model as model_mod
+from client.cache import Session
+from client.rounds import evaluate_round, train_round
+from contracts import codec
+from contracts.adapter import cut_to_rank, sent_part
+from contracts.config import ConfigError, validate
+from server.strategies import fedavg, hetlora
 from tests.helpers import client_settings
 
 A, B = "m.lora_A.weight", "m.lora_B.weight"
@@ -74,8 +77,8 @@ def test_a_rank_r_start_is_the_first_r_rows_of_a_larger_start(tiny_model):
     adapters = {}
     for r in (2, 8):
         base, _ = model_mod.load_base(str(tiny_model), fp32, torch.device("cpu"))
-        adapters[r] = model_mod.get_adapter(
-            model_mod.attach_lora(base, r, 8.0, 0.0, ["q_proj", "v_proj"], seed=5))
+        adapters[r] = adapter_mod.get_adapter(
+            adapter_mod.attach_lora(base, r, 8.0, 0.0, ["q_proj", "v_proj"], seed=5))
     small = cut_to_rank(adapters[8], 2)
     assert all(np.array_equal(small[k], adapters[2][k]) for k in small)
 
@@ -90,13 +93,13 @@ def test_ffa_lora_client_trains_and_sends_only_b(tiny_model, text_clients, tmp_p
     sent = codec.decode(*codec.unpack(raw), received)  # the default int8-delta encoding
     assert set(sent) == {k for k in initial if ".lora_B." in k}
     assert any(np.abs(v).sum() > 0 for v in sent.values())  # B trained
-    after = model_mod.get_adapter(Session._current.model)
+    after = adapter_mod.get_adapter(Session._current.model)
     assert all(np.array_equal(after[k], initial[k]) for k in initial if ".lora_A." in k)
     # a second round from the aggregated B: A is rebuilt from the seed, still the same
     s2 = client_settings(tiny_model, text_clients, tmp_path, strategy="ffa-lora", lora_r=4,
                          server_round=2)
     train_round(s2, sent)
-    again = model_mod.get_adapter(Session._current.model)
+    again = adapter_mod.get_adapter(Session._current.model)
     assert all(np.array_equal(again[k], initial[k]) for k in initial if ".lora_A." in k)
     Session.forget()
 
@@ -141,7 +144,7 @@ def test_a_sweep_on_a_tiny_model_writes_one_row_per_run(tiny_model, text_clients
 
     from safetensors.numpy import load_file
 
-    from server.records import read_metrics
+    from contracts.rundir import read_metrics
 
     sweep_file = tmp_path / "sweep.toml"
     sweep_file.write_text(
@@ -171,8 +174,8 @@ def test_a_sweep_on_a_tiny_model_writes_one_row_per_run(tiny_model, text_clients
     assert all(f["bytes_down"] < g["bytes_down"] for f, g in zip(ffa[1:], fed[1:], strict=True))
     fp32 = model_mod.Quantization("none", "float32", "test")
     base, _ = model_mod.load_base(str(tiny_model), fp32, torch.device("cpu"))
-    start = model_mod.get_adapter(model_mod.attach_lora(base, 4, 16.0, 0.0,
-                                                        ["q_proj", "v_proj"], seed=0))
+    start = adapter_mod.get_adapter(adapter_mod.attach_lora(base, 4, 16.0, 0.0,
+                                                            ["q_proj", "v_proj"], seed=0))
     final = load_file(runs["ffa-lora"] / "adapter" / "adapter_model.safetensors")
     assert all(np.array_equal(final[k], start[k]) for k in start if ".lora_A." in k)
     assert any(not np.array_equal(final[k], start[k]) for k in start if ".lora_B." in k)
@@ -186,7 +189,7 @@ def test_a_sweep_on_a_tiny_model_writes_one_row_per_run(tiny_model, text_clients
 def test_client_sampling_fixed_size_or_poisson():
     import random
 
-    from server.app import sample_clients
+    from server.nodes import sample_clients
 
     nodes = list(range(100))
     assert sample_clients(nodes, 0, 100, False, random.Random(0)) == (nodes, 1.0)

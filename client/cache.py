@@ -1,0 +1,154 @@
+"""What a client process keeps between rounds: its model and its clients' tokenised data.
+
+Flower calls the ClientApp afresh each round, so the loaded base model with its LoRA
+adapter and the tokenised data are kept at module level. One model per process is
+shared by the clients it serves in turn (a simulation's actor): the round overwrites
+the whole adapter before every use. Tokenised data is kept per client (small), so that
+switching clients costs neither a model load nor a re-tokenisation. What must outlive
+the process (the privacy ledger) lives in the client's state folder instead.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from client import data as data_mod
+from client.adapter import adapter_config_json, attach_for_strategy
+from client.base_model import (
+    EMBEDDED,
+    Quantization,
+    choose_quantization,
+    count_params,
+    load_base,
+    pick_device,
+    prepare_base,
+)
+from client.energy import EnergyMeter
+from client.profiles import DeviceProfile, profile
+from client.settings import ClientSettings
+
+log = logging.getLogger("fedslm")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any  # a PeftModel
+    tokenizer: Any
+    quantization: Quantization
+    source: str
+
+
+@dataclass(frozen=True)
+class ClientData:
+    client: str
+    train: data_mod.Examples
+    heldout: data_mod.Examples
+
+
+@dataclass
+class Session:
+    """One client's view of the process cache in a round."""
+
+    key: tuple
+    model: Any  # a PeftModel
+    tokenizer: Any
+    quantization: Quantization
+    source: str
+    client: str
+    train: data_mod.Examples
+    heldout: data_mod.Examples
+    adapter_config: str
+    profile: DeviceProfile
+    on_gpu: bool
+
+    _current: ClassVar[Session | None] = None
+    _model: ClassVar[tuple[tuple, LoadedModel] | None] = None
+    _data: ClassVar[dict[tuple, ClientData]] = {}
+    MAX_CLIENTS_CACHED: ClassVar[int] = 64
+
+    @classmethod
+    def forget(cls) -> None:
+        """Drop everything this process holds, as a fresh process would start."""
+        cls._current, cls._model, cls._data = None, None, {}
+
+    @classmethod
+    def loaded_model(cls) -> LoadedModel | None:
+        return cls._model[1] if cls._model else None
+
+    @classmethod
+    def get(cls, s: ClientSettings) -> Session:
+        """The session of this round's client, loading what the process does not hold."""
+        device_profile = profile(s.device_profile)
+        threads = s.threads or device_profile.threads
+        model_key = (s.model, s.quantization, s.device, s.lora_r, s.lora_alpha, s.lora_dropout,
+                     s.lora_targets, s.seed, threads, s.strategy)
+        data_key = (s.data, s.partition, s.seq_len, s.max_eval_seqs, s.canary_file, s.client)
+        key = (model_key, data_key, s.device_profile)
+        if cls._current is not None and cls._current.key == key:
+            return cls._current
+        cls._current = None
+        loaded = cls._model_for(model_key, s, threads)
+        device = next(loaded.model.parameters()).device
+        data = cls._data_for(data_key, s, loaded, device)
+        base_name = s.model if s.model != EMBEDDED else loaded.source
+        cls._current = cls(key, loaded.model, loaded.tokenizer, loaded.quantization,
+                           loaded.source, data.client, data.train, data.heldout,
+                           adapter_config_json(loaded.model, base_name), device_profile,
+                           device.type == "cuda")
+        return cls._current
+
+    @classmethod
+    def _model_for(cls, model_key: tuple, s: ClientSettings, threads: int) -> LoadedModel:
+        if cls._model is None or cls._model[0] != model_key:
+            cls._model, cls._data = None, {}  # free the old model (and its tokenisation)
+            gc.collect()
+            if threads:
+                torch.set_num_threads(threads)
+            cls._model = (model_key, load_model(s))
+        return cls._model[1]
+
+    @classmethod
+    def _data_for(cls, data_key: tuple, s: ClientSettings, loaded: LoadedModel,
+                  device: torch.device) -> ClientData:
+        if data_key not in cls._data:
+            if len(cls._data) >= cls.MAX_CLIENTS_CACHED:
+                cls._data.pop(next(iter(cls._data)))
+            name, train_set, heldout = load_data(s, loaded.tokenizer)
+            cls._data[data_key] = ClientData(name, train_set.to(device), heldout.to(device))
+            quant = loaded.quantization
+            log.info("client %s: %d train / %d held-out sequences, quantization %s (%s)",
+                     name, len(train_set), len(heldout), quant.mode, quant.reason)
+        return cls._data[data_key]
+
+    def energy_meter(self) -> EnergyMeter:
+        return EnergyMeter(self.profile.watts_per_core, gpu=self.on_gpu)
+
+
+def load_model(s: ClientSettings) -> LoadedModel:
+    """The base model with this strategy's LoRA adapter, its tokenizer, the quantization
+    used and the model's source."""
+    source = prepare_base(s.model, Path(s.cache_dir) if s.cache_dir else None)
+    device = pick_device(s.device)
+    quant = choose_quantization(s.quantization, device, count_params(source))
+    base, tokenizer = load_base(source, quant, device)
+    model = attach_for_strategy(base, s.strategy, s.lora_r, s.lora_alpha, s.lora_dropout,
+                                list(s.lora_targets), s.seed)
+    return LoadedModel(model, tokenizer, quant, source)
+
+
+def load_data(s: ClientSettings, tokenizer: Any
+              ) -> tuple[str, data_mod.Examples, data_mod.Examples]:
+    """This client's name and its (train, held-out) examples."""
+    part = data_mod.partition(s.data, s.partition)
+    train_set, heldout = data_mod.encode(part, tokenizer, s.seq_len, s.max_eval_seqs)
+    if s.canary_file:  # an empirical privacy audit (simulations/canaries.py)
+        canaries = data_mod.planted_canaries(s.canary_file, s.partition, tokenizer, s.seq_len)
+        if canaries is not None:
+            train_set = data_mod.concat(train_set, canaries)
+    return s.client or part.client, train_set, heldout

@@ -1,0 +1,89 @@
+"""Charging a round to the client's privacy ledger, before it trains.
+
+The round's DP plan is decided here once: q from this client's data, σ for the run
+(kept, see `kept_noise`), the clipping norm and the steps. If the data owner's budget
+allows the round, its spend is appended to the ledger now: a crash after this still
+counts as spent.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from client.dp_plan import DPPlan, sample_rate
+from client.settings import ClientSettings
+from contracts.rundir import ledger_path
+from privacy.accountant import epsilon
+from privacy.budget import Budget, RoundPlan, plan_round
+from privacy.ledger import Entry, Ledger
+
+ACCOUNTANT = "rdp"
+
+
+def charge_round(*, s: ClientSettings, client: str, num_examples: int,
+                 dataset: str) -> tuple[RoundPlan, DPPlan]:
+    """(the budget's verdict with ε before and after, the DP plan to train). Unless the
+    verdict refuses the round, the plan is in the ledger when this returns."""
+    q = sample_rate(num_examples, s.batch_size)
+    with Ledger(ledger_path(s.resolved_state_dir(client))) as ledger:
+        entries = ledger.entries()
+        this_run = [e for e in entries if e.run_id == s.run_id]
+        verdict = plan_round(
+            earlier_runs=[e.mechanism for e in entries if e.run_id != s.run_id],
+            this_run=[e.mechanism for e in this_run],
+            sample_rate=q, steps=s.local_steps, planned_steps=s.num_rounds * s.local_steps,
+            delta=s.delta, target_epsilon=s.target_epsilon,
+            budget=Budget(s.budget_epsilon, s.budget_delta),
+            noise_multiplier=run_noise(s=s, this_run=this_run, sample_rate=q),
+            private=s.dp,
+        )
+        plan = DPPlan(sample_rate=q, steps=s.local_steps, expected_batch=s.batch_size,
+                      noise_multiplier=verdict.noise_multiplier,
+                      clip_norm=s.clip_norm if s.dp else None)
+        if not verdict.refused:
+            ledger.append(ledger_entry(s=s, client=client, dataset=dataset, plan=plan,
+                                       epsilon_after=verdict.epsilon_after))
+    return verdict, plan
+
+
+def run_noise(*, s: ClientSettings, this_run: list[Entry], sample_rate: float) -> float | None:
+    """σ for this round when it is already known: the configured one, else the one kept
+    from this run's earlier rounds; None at the client's first round of a run (the
+    budget planner then searches it)."""
+    if s.noise_multiplier is not None:
+        return s.noise_multiplier
+    return kept_noise(this_run=this_run, sample_rate=sample_rate, steps=s.local_steps,
+                      delta=s.delta, budget_epsilon=s.budget_epsilon)
+
+
+def kept_noise(*, this_run: list[Entry], sample_rate: float, steps: int, delta: float,
+               budget_epsilon: float | None) -> float | None:
+    """The σ recorded for this run. The search depends only on what is fixed for a run
+    (q, steps, rounds, δ, the target and budget ε, earlier runs' spend), so the first
+    round's result holds for every round; an entry charged for other inputs (its data or
+    budget changed) is not reused."""
+    for entry in reversed(this_run):
+        if (entry.sample_rate, entry.steps, entry.delta, entry.budget_epsilon) == \
+                (sample_rate, steps, delta, budget_epsilon):
+            return entry.noise_multiplier
+    return None
+
+
+def ledger_entry(*, s: ClientSettings, client: str, dataset: str, plan: DPPlan,
+                 epsilon_after: float) -> Entry:
+    return Entry(
+        run_id=s.run_id, round=s.round, client=client, dataset=dataset,
+        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+        steps=plan.steps, delta=s.delta, accountant=ACCOUNTANT, epsilon=epsilon_after,
+        time=datetime.now(UTC).isoformat(timespec="seconds"),
+        budget_epsilon=s.budget_epsilon, budget_delta=s.budget_delta,
+    )
+
+
+def spent_epsilon(*, path: Path, delta: float) -> float:
+    """The cumulative ε recorded in the ledger at `path` (0 when there is none)."""
+    if not path.is_file():
+        return 0.0
+    with Ledger(path, create=False) as ledger:
+        return epsilon(ledger.history(), delta, ACCOUNTANT)

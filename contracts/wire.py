@@ -1,0 +1,89 @@
+"""The keys of client replies, their statuses, and the one encoding of ε = ∞.
+
+A reply to a train or evaluate message holds `metrics` (a MetricRecord of numbers),
+`info` (a ConfigRecord of strings) and, for train, `arrays` (the encoded update).
+"""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+
+# metrics (numbers)
+EPSILON = "epsilon"
+DELTA = "delta"
+NUM_EXAMPLES = "num-examples"
+NOISE_MULTIPLIER = "noise-multiplier"
+CLIP_NORM = "clip-norm"
+SAMPLE_RATE = "sample-rate"
+STEPS = "steps"
+TRAIN_SECONDS = "train-seconds"
+CPU_SECONDS = "cpu-seconds"
+ENERGY_J = "energy-j"
+PEAK_RSS_MB = "peak-rss-mb"
+BUDGET_EPSILON = "budget-epsilon"
+BUDGET_DELTA = "budget-delta"
+EVAL_LOSS_SUM = "eval-loss-sum"
+EVAL_TOKENS = "eval-tokens"
+EVAL_CORRECT = "eval-correct"
+EVAL_SECONDS = "eval-seconds"
+# info (strings)
+CLIENT = "client"
+STATUS = "status"
+ENERGY_METHOD = "energy-method"
+QUANTIZATION = "quantization"
+QUANTIZATION_REASON = "quantization-reason"
+COMPUTE_DTYPE = "compute-dtype"
+ADAPTER_CONFIG = "adapter-config"
+CODEC_ERROR = "codec-error"  # set by the server on an update it could not decode
+# message content
+ARRAYS, CONFIG, METRICS, INFO = "arrays", "config", "metrics", "info"
+SERVER_ROUND = "server-round"
+
+
+class Status(StrEnum):
+    """A client's outcome in a round: the text before ': reason' in its status."""
+
+    OK = "ok"  # a client's own word: it did its work
+    TRAINED = "trained"  # the server used its update
+    EVALUATED = "evaluated"  # round 0: evaluation only
+    REFUSED = "refused"  # it did not train: its privacy budget does not allow it
+    REJECTED = "rejected"  # it trained (its spend counts) but the update failed validation
+    UNUSED = "unused"  # it trained, but the round was skipped (too few usable updates)
+
+
+def status_text(status: Status, reason: str = "") -> str:
+    return f"{status.value}: {reason}" if reason else status.value
+
+
+def status_of(text: str) -> Status:
+    """The status of a status text such as 'refused: budget exhausted ...'."""
+    return Status(text.split(":", 1)[0].strip())
+
+
+# ε = ∞ (training without DP): MetricRecord and strict JSON hold no inf.
+WIRE_INFINITY = -1.0  # in a MetricRecord; ε is never negative otherwise
+
+
+def epsilon_to_wire(value: float) -> float:
+    return value if math.isfinite(value) else WIRE_INFINITY
+
+
+def epsilon_from_wire(value: float) -> float:
+    return math.inf if value < 0 else value
+
+
+def epsilon_to_json(value: float | None) -> float | None:
+    """In run records (JSON): null."""
+    return None if value is None or not math.isfinite(value) else value
+
+
+def epsilon_from_json(value: float | None) -> float:
+    return math.inf if value is None else float(value)
+
+
+def format_epsilon(value: float | None, digits: int = 2) -> str:
+    """For people: ∞ when there is no DP."""
+    if value is None or math.isinf(value):
+        return "∞"
+    return f"{value:.{digits}f}"

@@ -1,0 +1,72 @@
+"""A round's line in metrics.jsonl: its evaluation, privacy, bytes, clients and costs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from contracts import wire
+from contracts.wire import STATUS, Status, epsilon_from_wire
+from server.replies import Reply
+
+
+def client_row(status: str, r: Reply, ev: Reply | None) -> dict[str, Any]:
+    """One client's row: its training reply `r` (round 0: its evaluation) and its
+    evaluation reply `ev`, if it evaluated."""
+    m = r.metrics if r is not ev else {}
+    e = ev.metrics if ev else {}
+    return {
+        "client": r.client,
+        "status": status,
+        "epsilon": epsilon_from_wire(m.get(wire.EPSILON, e.get(wire.EPSILON, 0.0))),
+        "delta": m.get(wire.DELTA, e.get(wire.DELTA)),
+        "budget_epsilon": m.get(wire.BUDGET_EPSILON) or None,
+        "num_examples": int(m.get(wire.NUM_EXAMPLES, 0)),
+        "train_seconds": m.get(wire.TRAIN_SECONDS, 0.0),
+        "eval_seconds": e.get(wire.EVAL_SECONDS, 0.0),
+        "noise_multiplier": m.get(wire.NOISE_MULTIPLIER),
+        "sample_rate": m.get(wire.SAMPLE_RATE),
+        "steps": int(m.get(wire.STEPS, 0)),
+        "energy_j": m.get(wire.ENERGY_J, 0.0) + e.get(wire.ENERGY_J, 0.0),
+        "energy_method": r.info.get(wire.ENERGY_METHOD)
+        or (ev.info[wire.ENERGY_METHOD] if ev else ""),
+        "peak_rss_mb": max(m.get(wire.PEAK_RSS_MB, 0.0), e.get(wire.PEAK_RSS_MB, 0.0)),
+        "bytes_up": r.bytes_up,
+        "eval_loss": e[wire.EVAL_LOSS_SUM] / e[wire.EVAL_TOKENS] if e.get(wire.EVAL_TOKENS)
+        else None,
+        "quantization": r.info[wire.QUANTIZATION],
+    }
+
+
+def client_rows(trained: list[Reply], refused: list[Reply],
+                evaluated: list[Reply]) -> list[dict[str, Any]]:
+    """Every client's row, by name; `refused` holds every reply not used (its status
+    says why)."""
+    by_client = {r.client: r for r in evaluated}
+    rows = [client_row(Status.TRAINED.value, r, by_client.get(r.client)) for r in trained]
+    rows += [client_row(r.info[STATUS], r, by_client.get(r.client)) for r in refused]
+    if not trained and not refused:  # round 0: evaluation only
+        rows = [client_row(Status.EVALUATED.value, r, r) for r in evaluated]
+    return sorted(rows, key=lambda row: row["client"])
+
+
+def dropouts(refused: list[Reply]) -> list[dict[str, str]]:
+    """The clients that did not train (their privacy budget did not allow it)."""
+    return [{"client": r.client, "reason": r.info[STATUS]} for r in refused
+            if r.info[STATUS].startswith(Status.REFUSED)]
+
+
+def add_costs(line: dict[str, Any], batch_size: int, nodes: int, energy_before: float,
+              first_loss: float) -> float:
+    """Per-client throughput and downlink, the round's energy, and the efficiency figure
+    `loss_drop_per_kj`: (round-0 held-out loss - this round's) / kJ all clients spent
+    since round 0 (round 0 included). Returns the energy spent so far."""
+    for row in line["clients"]:
+        row["bytes_down"] = line["bytes_down"] // max(nodes, 1)
+        seconds = row["train_seconds"]
+        expected = row["steps"] * batch_size  # expected samples, not the private draws
+        row["samples_per_second"] = expected / seconds if seconds else None
+    line["energy_j"] = sum(row["energy_j"] for row in line["clients"])
+    spent = energy_before + line["energy_j"]
+    line["loss_drop_per_kj"] = (first_loss - line["eval_loss"]) / (spent / 1e3) \
+        if line["round"] and spent else None
+    return spent
