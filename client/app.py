@@ -7,6 +7,7 @@ client name, quantization mode, adapter config) leave the client.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 from flwr.app import (
@@ -24,6 +25,7 @@ from flwr.clientapp import ClientApp
 from client.rounds import evaluate_round, simulated_dropout, train_round
 from client.settings import ClientSettings
 from contracts.adapter import Arrays
+from contracts.environment import SIMULATION
 from contracts.wire import ARRAYS, CONFIG, INFO, METRICS
 
 # Library chatter that says nothing to a user of the ClientApp's process.
@@ -31,6 +33,21 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "no fast CPU 4-bit kernel" notice
 
+
+def _show_progress_on_the_device() -> None:
+    """On a device, the round's progress goes to the SuperNode's log; in a simulation the
+    engine shows every client's instead (contracts.environment.SIMULATION)."""
+    progress = logging.getLogger("fedslm.progress")
+    if os.environ.get(SIMULATION) == "1" or progress.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s fedslm: %(message)s", "%H:%M:%S"))
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+
+
+_show_progress_on_the_device()
 app = ClientApp()
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from client.hardware import cpu_supports_bf16
 from contracts.config import QUANTIZATIONS
 from contracts.environment import default_cache_dir
 from contracts.errors import FedslmError
@@ -175,14 +176,6 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"device {requested!r} requested but CUDA is not available")
     return torch.device(requested)
-
-
-def cpu_supports_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:

@@ -20,6 +20,7 @@ from client.charge import charge_round, spent_epsilon
 from client.dp_plan import DPPlan
 from client.energy import peak_rss_mb
 from client.evaluation import evaluate
+from client.progress import RoundProgress
 from client.settings import ClientSettings
 from client.trainer import TrainResult, train
 from contracts import codec
@@ -80,8 +81,12 @@ def train_round(s: ClientSettings, arrays: Arrays) -> Reply:
 def _train(session: Session, s: ClientSettings, plan: DPPlan, verdict: RoundPlan) -> TrainResult:
     sampling, noise = generators(s, session.client, next(session.model.parameters()).device)
     every = max(1, plan.steps // 4)
+    shown = RoundProgress(state_dir=s.resolved_state_dir(session.client), run_id=s.run_id,
+                          client=session.client, round=s.round, planned=plan.steps,
+                          every=s.progress_seconds)
 
     def progress(step: int, loss: float) -> None:
+        shown.step(step)
         if step % every == 0 or step == plan.steps:
             log.info("client %s round %d: step %d/%d, loss %.3f, epsilon after round %.3f",
                      session.client, s.round, step, plan.steps, loss, verdict.epsilon_after)

@@ -61,6 +61,7 @@ class ClientSettings:
     strategy: str
     update_encoding: str
     dropout_rate: float  # simulation only: the chance that this client fails a round
+    progress_seconds: float  # how often the client logs its progress while it trains
 
     @classmethod
     def from_records(cls, config: dict[str, Any], node: dict[str, Any]) -> ClientSettings:
@@ -118,6 +119,7 @@ def _training_fields(c: dict[str, Any]) -> dict[str, Any]:
         "batch_size": c["batch-size"], "micro_batch": micro_batch(c["micro-batch-tokens"],
                                                                   c["seq-len"]),
         "local_steps": c["local-steps"], "lr": c["lr"], "optimizer": c["optimizer"],
+        "progress_seconds": c["progress-seconds"],
     }
 
 

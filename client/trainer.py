@@ -108,7 +108,8 @@ def train(
     at the plan's q, clipped and noised as it says; PlanError unless it is the plan for
     `data` and every charged step ran.
 
-    `progress(step, loss)` is called after each step with data (the loss stays local).
+    `progress(step, loss)` is called after each step (loss NaN for an empty draw; it
+    stays local).
     `chunked_loss=False` computes the loss from full logits (the reference; slower).
     `micro_batch` > 0 runs a drawn batch through forward/backward that many sequences at
     a time (less activation memory; the same update, the same privacy).
@@ -158,6 +159,8 @@ def _steps(forward: Any, optimizer: torch.optim.Optimizer, params: list[torch.nn
         if len(index) == 0:
             tally.empty += 1
             if not plan.private:
+                if progress:
+                    progress(step, math.nan)
                 continue  # nothing to learn from, and no noise to add
             for p in params:  # a noise-only step keeps the accounting honest
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
@@ -167,7 +170,7 @@ def _steps(forward: Any, optimizer: torch.optim.Optimizer, params: list[torch.nn
                                micro_batch=micro_batch, chunked_loss=chunked_loss)
             tally.losses.append(float(per_seq.mean()))
             tally.seen += len(index)
-            if progress:
-                progress(step, tally.losses[-1])
         optimizer.step()
+        if progress:
+            progress(step, tally.losses[-1] if len(index) else math.nan)
     return tally

@@ -127,6 +127,8 @@ SCHEMA: dict[str, Key] = {k.name: k for k in (
       "e.g. `server-cpu,raspberry-pi-5`"),
     K("client-cpus", 1, "CPUs per simulated client (Ray); also its torch threads", positive,
       SERVER),
+    K("progress-seconds", 20.0, "a client logs its progress (steps done / planned, elapsed) "
+      "this often while it trains; a simulation prints every client's", positive),
     # model
     K("model", "embedded", "`embedded`, a `.gguf` file, a local model folder, or a Hugging "
       "Face id", non_empty),

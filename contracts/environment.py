@@ -31,6 +31,7 @@ RAY: dict[str, str] = {
     "RAY_DEDUP_LOGS": "0",
 }
 ALLOW_HUB = "FEDSLM_ALLOW_HUB"  # =1: a Hugging Face id may be downloaded
+SIMULATION = "FEDSLM_SIMULATION"  # =1 in a local simulation's processes
 
 
 def default_cache_dir() -> Path:
@@ -61,6 +62,7 @@ def loopback_environ(cache_dir: Path) -> dict[str, str]:
     return {
         **QUIET, **RAY, **hub_setting(),
         "FEDSLM_CACHE_DIR": str(cache_dir),
+        SIMULATION: "1",  # the clients' progress is shown by the engine, not each client
         "HF_HOME": os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface")),
         "HOME": str(cache_dir / "ray-home"),  # holds ray_bootstrap_config.yaml
     }

@@ -35,6 +35,7 @@ CHECKPOINT = "checkpoint"
 CHECKPOINT_STATE = "state.json"
 CLIENTS = "clients"
 LEDGER_FILE = "ledger.sqlite"
+PROGRESS_FILE = "progress.json"  # a client's progress in the round it is training
 SERVER_LEDGER = ("server", LEDGER_FILE)
 SERVER_CLIENT = "server:user-level"  # the client name of the server's central-DP entries
 REPORT = "report"
@@ -231,3 +232,22 @@ def client_ledgers(run_dir: Path, state_root: str = "") -> list[Path]:
 
 def server_ledger(run_dir: Path) -> Path:
     return Path(run_dir).joinpath(*SERVER_LEDGER)
+
+
+def write_progress(state_dir: Path, progress: dict[str, Any]) -> None:
+    """A client's progress (run-id, round, client, step, planned, elapsed): local to the
+    device; in a simulation the engine reads it to show the round's progress."""
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    write_json(Path(state_dir) / PROGRESS_FILE, progress)
+
+
+def read_progress(state_root: Path) -> list[dict[str, Any]]:
+    """The progress files of the clients under `state_root` (unreadable ones skipped:
+    a file being replaced, a client that never trained)."""
+    found = []
+    for path in sorted(Path(state_root).glob(f"*/{PROGRESS_FILE}")):
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return found

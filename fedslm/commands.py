@@ -152,12 +152,15 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="run only this case (repeatable; names as in the table)")
     p.add_argument("--quick", action="store_true", help="one step per case and a one-round "
                    "simulation: checks that everything runs; the numbers mean nothing")
+    p.add_argument("--emulate-no-bf16", action="store_true", help="run as a CPU without bf16 "
+                   "(oneDNN capped at AVX2, ATen at avx2, the client picks fp32): measures "
+                   "the edge path on a bf16 machine")
 
 
 def bench(args: argparse.Namespace) -> int:
     from simulations.bench import BenchConfig, main
 
     cfg = BenchConfig(model=args.model, data=args.data, steps=args.steps, threads=args.threads,
-                      quick=args.quick, cases=args.case)
+                      quick=args.quick, cases=args.case, emulate_no_bf16=args.emulate_no_bf16)
     command = "fedslm " + " ".join(sys.argv[1:] if sys.argv[1:2] == ["bench"] else ["bench"])
     return main(cfg, _path(args.out), _path(args.json), command)

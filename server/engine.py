@@ -38,6 +38,7 @@ from contracts.wire import ADAPTER_CONFIG, STATUS, Status, epsilon_from_json, st
 from server.central_dp import CentralDP
 from server.errors import FederationError, TooFewUpdates
 from server.nodes import NodePool, Sampling
+from server.progress import ProgressMonitor
 from server.records import summary_line
 from server.replies import Reply, as_update, bytes_down, exchange, from_record, to_record
 from server.rows import add_costs, client_rows, dropouts
@@ -178,7 +179,10 @@ class Federation:
             log.warning("round %d: no client sampled", rnd)
             self.aggregate(rnd, [])
             return Training()
-        replies, failures = exchange(self.grid, messages, rnd, self.config["round-timeout"])
+        with ProgressMonitor(state_root=client_state_root(self.run_dir, self.config["state-root"]),
+                             run_id=self.run_dir.name, rnd=rnd, sent=len(messages),
+                             every=self.config["progress-seconds"], echo=self.echo):
+            replies, failures = exchange(self.grid, messages, rnd, self.config["round-timeout"])
         out = Training(failures=failures, bytes_down=bytes_down(messages))
         out.refused = [r for r in replies if r.info.get(STATUS, Status.OK) != Status.OK]
         for r in out.refused:

@@ -37,6 +37,7 @@ class BenchConfig:
     warmup: int = 1
     quick: bool = False  # structure only: one step per case, a tiny round
     cases: list[str] = field(default_factory=list)  # names to run (default: all)
+    emulate_no_bf16: bool = False  # run as a CPU without bf16 (client/hardware.py)
 
 
 # (name, quantization, dtype, dp, loss, micro-batch?, threads override)
@@ -61,6 +62,8 @@ CASES = [
      True, 0),
     ("nf4 (bitsandbytes) DP-LoRA, chunked, micro-batch", "nf4", "bfloat16", True, "chunked",
      True, 0),
+    ("nf4 (bitsandbytes) DP-LoRA, fp32 compute, chunked, micro-batch", "nf4", "float32", True,
+     "chunked", True, 0),  # the memory lever where there is no bf16
 ]
 BASELINE = CASES[0][0]
 DEFAULT = CASES[8][0]
@@ -93,8 +96,9 @@ def _run_cases(cases: list[dict[str, Any]], threads: int) -> list[dict[str, Any]
 
 
 def _quiet_env(threads: int) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    from contracts.environment import quiet_environ
+
+    return {**quiet_environ(), "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
 
 
 def matmul_peak(dtype_name: str, threads: int, n: int = 1536, seconds: float = 2.0) -> float:
@@ -171,13 +175,26 @@ def federation_overhead(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
     return {"config": overrides, "rounds": rounds}
 
 
+def _runnable(cfg: BenchConfig) -> list[tuple]:
+    """The cases to run: those asked for; on the emulated no-bf16 path not the bf16 ones
+    (emulated bf16 runs ~100x slower than fp32: no client picks it there)."""
+    return [c for c in CASES if (not cfg.cases or c[0] in cfg.cases)
+            and not (cfg.emulate_no_bf16 and c[2] == "bfloat16")]
+
+
 def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    if cfg.emulate_no_bf16:  # before this process or a case's first matmul
+        from client.hardware import EMULATE_NO_BF16
+
+        os.environ.update(EMULATE_NO_BF16)
     if cfg.quick:
         cfg.steps, cfg.warmup = 1, 0
-    chosen = [_case(cfg, *c) for c in CASES if not cfg.cases or c[0] in cfg.cases]
+    runnable = _runnable(cfg)
+    chosen = [_case(cfg, *c) for c in runnable]
     by_name = {c[0]: c for c in CASES}
+    kept = {c[0] for c in _runnable(BenchConfig(emulate_no_bf16=cfg.emulate_no_bf16))}
     paired = [{"name": name, "a": _case(cfg, *by_name[a]), "b": _case(cfg, *by_name[b])}
-              for name, a, b in PAIRED]
+              for name, a, b in PAIRED if {a, b} <= kept]
     if cfg.quick:  # one process for all: peak memory is not measured apart
         results = _run_cases(chosen + paired, cfg.threads)
     else:
@@ -194,13 +211,25 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict[str
     echo("bench: federation overhead (a simulated run) ...")
     with tempfile.TemporaryDirectory() as tmp:
         overhead = federation_overhead(cfg, Path(tmp))
-    return {"config": cfg.__dict__, "machine": machine(), "steps": results,
+    return {"config": cfg.__dict__, "machine": machine(cfg.model), "steps": results,
             "paired": paired_results, "peaks": peaks,
             "sizes": sizes, "overhead": overhead}
 
 
-def machine() -> dict[str, Any]:
+def auto_path(model: str) -> str:
+    """What `quantization=auto` resolves to here, as a client resolves it."""
+    from client import base_model
+
+    device = base_model.pick_device("auto")
+    source = base_model.prepare_base(model)
+    quant = base_model.choose_quantization("auto", device, base_model.count_params(source))
+    return f"{quant.mode} base, {quant.dtype} compute on {device.type} ({quant.reason})"
+
+
+def machine(model: str = "embedded") -> dict[str, Any]:
     import torch
+
+    from client.hardware import describe
 
     cpu = ""
     try:
@@ -213,7 +242,8 @@ def machine() -> dict[str, Any]:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "memory_gib": mem,
-            "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__}
+            "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__,
+            **describe(), "auto": auto_path(model)}
 
 
 TARGETS = {"dp_overhead": 1.10, "peak_mb": 1536, "speedup": 2.0, "compression": 500,
@@ -254,7 +284,12 @@ def render(result: dict[str, Any], command: str) -> str:
            f"set), LoRA r={cfg['lora_r']} on q_proj,v_proj, batch {cfg['batch']} x "
            f"{cfg['seq_len']} tokens, {cfg['threads']} threads, micro-batches of {micro} "
            f"sequences ({cfg['micro_batch_tokens']} tokens) where the case says so; median of "
-           f"{cfg['steps']} steps after warm-up, each case in a fresh process."
+           f"{cfg['steps']} steps after warm-up, each case in a fresh process. "
+           f"CPU class **{m['cpu_class']}**, run as **{m['runs_as']}** (ATen "
+           f"{m['aten_capability']}, oneDNN cap {m['onednn_max_cpu_isa']}); `auto` picked "
+           f"{m['auto']}."
+           + (" Emulated no-bf16 path (`--emulate-no-bf16`): bf16 cases not run."
+              if cfg.get("emulate_no_bf16") else "")
            + (" **Quick mode: one step, numbers meaningless.**" if cfg["quick"] else ""),
            "", LEVERS, ""]
     out += _targets_table(result) + [""] + _steps_table(result) + [""] + _dp_table(result)

@@ -54,14 +54,12 @@ def _stop(pids: set[int]) -> None:
 
 
 def run(supernodes: int, run_config: str, app_dir: Path = APP_DIR) -> int:
-    from contracts.environment import apply_loopback
+    from contracts.environment import apply_loopback, quiet_environ
 
     env = apply_loopback()
     flwr_home = _flower_home(Path(env["FEDSLM_CACHE_DIR"]))
-    bin_dir = str(Path(sys.executable).parent)  # flwr starts `flower-superlink` from PATH
-    os.environ.update({"FLWR_HOME": str(flwr_home),
-                       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                       "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")})
+    bin_dir = str(Path(sys.executable).parent)
+    os.environ.update({**quiet_environ(), "FLWR_HOME": str(flwr_home)})  # PATH: bin_dir first
     flwr = str(Path(bin_dir) / "flwr")
     before = _superlink_pids()
     try:

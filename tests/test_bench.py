@@ -42,3 +42,21 @@ def test_quick_bench_runs_every_case_and_writes_the_report(tiny_model, text_clie
         assert heading in text
     assert text.count("| met |") + text.count("**not met**") == len(TARGETS)
     assert "fedslm bench --quick" in text
+
+
+def test_quick_bench_on_the_emulated_no_bf16_path(tiny_model, text_clients, tmp_path):
+    out, raw = tmp_path / "BENCH.md", tmp_path / "bench.json"
+    env = {**os.environ, "FEDSLM_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "fedslm.cli", "bench", "--quick",
+                           "--emulate-no-bf16", "--model", str(tiny_model), "--data",
+                           str(text_clients), "--out", str(out), "--json", str(raw)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    result = json.loads(raw.read_text())
+    names = [r["name"] for r in result["steps"]]
+    assert names == [c[0] for c in CASES if c[2] != "bfloat16"]
+    assert all("error" not in r for r in result["steps"])
+    machine = result["machine"]
+    assert machine["bf16"] is False and machine["onednn_max_cpu_isa"] == "AVX2"
+    assert machine["auto"].startswith("none base, float32 compute on cpu")
+    assert "Emulated no-bf16 path" in out.read_text()

@@ -173,6 +173,7 @@ def test_tls_authenticated_federation_runs_two_rounds(deployment, tmp_path):
         audit = subprocess.run([*FEDSLM, "audit", str(deployment.state(name) / "ledger.sqlite")],
                                capture_output=True, text=True)
         assert audit.returncode == 0, audit.stdout
+        assert ": step 2/2, " in deployment.log(name)  # the device logs its round's progress
 
 
 def test_a_killed_supernode_does_not_stop_the_run(deployment, tmp_path):
