@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from client.dp_plan import DPPlan, sample_rate
-from client.settings import ClientSettings
+from client.settings import LOCAL_RUN, ClientSettings
 from contracts.rundir import ledger_path
 from privacy.accountant import epsilon
 from privacy.budget import Budget, RoundPlan, plan_round
@@ -35,7 +35,7 @@ def charge_round(*, s: ClientSettings, client: str, num_examples: int,
             sample_rate=q, steps=s.local_steps, planned_steps=s.num_rounds * s.local_steps,
             delta=s.delta, target_epsilon=s.target_epsilon,
             budget=Budget(s.budget_epsilon, s.budget_delta),
-            noise_multiplier=run_noise(s=s, this_run=this_run, sample_rate=q),
+            noise_multiplier=run_noise(s=s, entries=entries, sample_rate=q),
             private=s.dp,
         )
         plan = DPPlan(sample_rate=q, steps=s.local_steps, expected_batch=s.batch_size,
@@ -47,27 +47,31 @@ def charge_round(*, s: ClientSettings, client: str, num_examples: int,
     return verdict, plan
 
 
-def run_noise(*, s: ClientSettings, this_run: list[Entry], sample_rate: float) -> float | None:
+def run_noise(*, s: ClientSettings, entries: list[Entry], sample_rate: float) -> float | None:
     """σ for this round when it is already known: the configured one, else the one kept
-    from this run's earlier rounds; None at the client's first round of a run (the
-    budget planner then searches it)."""
+    from this run's earlier rounds; None when it must be searched (the client's first
+    round of a run; a run the server did not name)."""
     if s.noise_multiplier is not None:
         return s.noise_multiplier
-    return kept_noise(this_run=this_run, sample_rate=sample_rate, steps=s.local_steps,
-                      delta=s.delta, budget_epsilon=s.budget_epsilon)
+    if s.run_id == LOCAL_RUN or not s.dp:
+        return None
+    return kept_noise(entries=entries, run_id=s.run_id, sample_rate=sample_rate,
+                      steps=s.local_steps, delta=s.delta, budget_epsilon=s.budget_epsilon)
 
 
-def kept_noise(*, this_run: list[Entry], sample_rate: float, steps: int, delta: float,
-               budget_epsilon: float | None) -> float | None:
-    """The σ recorded for this run. The search depends only on what is fixed for a run
-    (q, steps, rounds, δ, the target and budget ε, earlier runs' spend), so the first
-    round's result holds for every round; an entry charged for other inputs (its data or
-    budget changed) is not reused."""
-    for entry in reversed(this_run):
-        if (entry.sample_rate, entry.steps, entry.delta, entry.budget_epsilon) == \
-                (sample_rate, steps, delta, budget_epsilon):
-            return entry.noise_multiplier
-    return None
+def kept_noise(*, entries: list[Entry], run_id: str, sample_rate: float, steps: int,
+               delta: float, budget_epsilon: float | None) -> float | None:
+    """The σ this run was charged at, when a search now would give the same: the search
+    depends on q, steps, rounds, δ, the target and budget ε and the spend of other runs,
+    so σ is kept only while the ledger's last entry is this run's, charged for the same
+    inputs, with noise. Another run's entry after it (a node serving two runs) changes
+    the other runs' spend: then σ is searched again."""
+    if not entries:
+        return None
+    last = entries[-1]
+    same = (last.run_id, last.sample_rate, last.steps, last.delta, last.budget_epsilon) == \
+        (run_id, sample_rate, steps, delta, budget_epsilon)
+    return last.noise_multiplier if same and last.noise_multiplier > 0 else None
 
 
 def ledger_entry(*, s: ClientSettings, client: str, dataset: str, plan: DPPlan,

@@ -15,9 +15,8 @@ from typing import Any
 from client.profiles import profile
 from contracts.adapter import spec
 from contracts.config import NODE_KEYS, RUN_KEYS, SCHEMA, validate, validate_node
-from contracts.wire import SERVER_ROUND
+from contracts.wire import RUN_ID, SERVER_ROUND
 
-RUN_ID = "run-id"
 LOCAL_RUN = "local"  # the run id of a config that names none
 
 

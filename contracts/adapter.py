@@ -10,16 +10,11 @@ import numpy as np
 
 Arrays = dict[str, np.ndarray]
 LORA_A = ".lora_A."
-LORA_B = ".lora_B."
 LORA = ".lora_"
 
 
 def is_lora_a(key: str) -> bool:
     return LORA_A in key
-
-
-def is_lora_b(key: str) -> bool:
-    return LORA_B in key
 
 
 def rank_of(arrays: Arrays) -> int:

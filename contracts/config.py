@@ -40,11 +40,11 @@ Check = Callable[[Any], str | None]  # the problem with a value, or None
 
 
 def positive(v: Any) -> str | None:
-    return None if v > 0 else "must be > 0"
+    return None if 0 < v < math.inf else "must be > 0 and finite"
 
 
 def non_negative(v: Any) -> str | None:
-    return None if v >= 0 else "must be >= 0"
+    return None if 0 <= v < math.inf else "must be >= 0 and finite"
 
 
 def fraction(v: Any) -> str | None:
@@ -189,8 +189,6 @@ SCHEMA: dict[str, Key] = {k.name: k for k in (
 RUN_KEYS = tuple(k for k, key in SCHEMA.items() if key.scope != NODE_ONLY)
 NODE_KEYS = tuple(k for k, key in SCHEMA.items() if key.scope in (NODE, NODE_ONLY))
 DEFAULTS: dict[str, Any] = {k: SCHEMA[k].default for k in RUN_KEYS}
-# Filled in by the server for the clients; not settings a user gives.
-RUNTIME_KEYS = ("run-id", "server-round")
 
 
 def coerce(name: str, value: Any) -> Any:
@@ -248,10 +246,14 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
 
 def validate_node(node_config: dict[str, Any]) -> dict[str, Any]:
     """The keys of a SuperNode's node config that fedslm uses, typed and checked by the
-    same rules as a run config; ConfigError naming the key otherwise. Keys fedslm does
-    not know are Flower's or the user's business and are left out."""
+    same rules as a run config; ConfigError naming the key otherwise. A run key a node
+    may not set (the run's DP settings among them) is refused, not silently ignored;
+    keys fedslm does not know are Flower's or the user's business and are left out."""
     out = {}
     for name, value in node_config.items():
+        if name in SCHEMA and name not in NODE_KEYS:
+            raise ConfigError(f"node config key {name!r} is set by the server's run config; "
+                              f"a node may set {', '.join(NODE_KEYS)}")
         if name not in NODE_KEYS:
             continue
         out[name] = coerce(name, value)

@@ -4,7 +4,8 @@
     <run>/metrics.jsonl       one JSON object per round (round 0: the base model)
     <run>/adapter/            the final global adapter in PEFT's format
     <run>/checkpoint/         state.json + round-<n>.safetensors of the last completed round
-    <run>/clients/<client>/   a simulated client's state: its ledger (ledger.sqlite) ...
+    <run>/clients/<client>/   a simulated client's state: its ledger (ledger.sqlite), its
+                              progress in the round it trains (progress.json) ...
     <run>/server/ledger.sqlite  the server's user-level (central DP) ledger
     <run>/audit/              an empirical audit's canaries and result
     <run>/report/             `fedslm report`'s page and plots
@@ -210,6 +211,9 @@ def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray
         lines = read_metrics(run_dir)
     except RunDirError as exc:
         raise CheckpointError(f"cannot resume {run_dir}: {exc}") from None
+    if any(not isinstance(line, dict) or not isinstance(line.get("round"), int)
+           for line in lines):
+        raise CheckpointError(f"cannot resume {run_dir}: a line of {METRICS} has no round")
     kept = [line for line in lines if line["round"] <= state["round"]]
     if len(kept) != len(lines):
         rewrite_metrics(run_dir, kept)
@@ -237,8 +241,11 @@ def server_ledger(run_dir: Path) -> Path:
 def write_progress(state_dir: Path, progress: dict[str, Any]) -> None:
     """A client's progress (run-id, round, client, step, planned, elapsed): local to the
     device; in a simulation the engine reads it to show the round's progress."""
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
-    write_json(Path(state_dir) / PROGRESS_FILE, progress)
+    path = Path(state_dir) / PROGRESS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{PROGRESS_FILE}.tmp")
+    tmp.write_text(json.dumps(finite(progress)))  # no fsync: it is rewritten every few seconds
+    os.replace(tmp, path)
 
 
 def read_progress(state_root: Path) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ CODEC_ERROR = "codec-error"  # set by the server on an update it could not decod
 # message content
 ARRAYS, CONFIG, METRICS, INFO = "arrays", "config", "metrics", "info"
 SERVER_ROUND = "server-round"
+RUN_ID = "run-id"  # which run a config, a ledger entry's spend or a progress record is of
 
 
 class Status(StrEnum):
@@ -56,12 +57,8 @@ def status_text(status: Status, reason: str = "") -> str:
     return f"{status.value}: {reason}" if reason else status.value
 
 
-def status_of(text: str) -> Status:
-    """The status of a status text such as 'refused: budget exhausted ...'."""
-    return Status(text.split(":", 1)[0].strip())
-
-
-# ε = ∞ (training without DP): MetricRecord and strict JSON hold no inf.
+# ε = ∞ (training without DP): MetricRecord and strict JSON hold no inf; in run records
+# (JSON) it is null (contracts.rundir.finite writes it, epsilon_from_json reads it).
 WIRE_INFINITY = -1.0  # in a MetricRecord; ε is never negative otherwise
 
 
@@ -71,11 +68,6 @@ def epsilon_to_wire(value: float) -> float:
 
 def epsilon_from_wire(value: float) -> float:
     return math.inf if value < 0 else value
-
-
-def epsilon_to_json(value: float | None) -> float | None:
-    """In run records (JSON): null."""
-    return None if value is None or not math.isfinite(value) else value
 
 
 def epsilon_from_json(value: float | None) -> float:

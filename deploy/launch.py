@@ -31,7 +31,7 @@ class DeployError(FedslmError):
     """A missing certificate or key, or an unusable option."""
 
 
-def quiet_environ(flwr_home: Path) -> dict[str, str]:
+def node_environ(flwr_home: Path) -> dict[str, str]:
     """The environment of a SuperLink or SuperNode (and of the apps they start)."""
     return {**environment.quiet_environ(), "FLWR_HOME": str(flwr_home)}
 
@@ -131,7 +131,7 @@ def _toml(path: Path) -> str:
 
 def run(command: list[str], flwr_home: Path) -> None:
     """Replace this process with Flower's."""
-    env = quiet_environ(flwr_home)
+    env = node_environ(flwr_home)
     executable = Path(sys.executable).parent / command[0]
     print("fedslm: " + shlex.join(command), file=sys.stderr, flush=True)
     os.execve(executable, command, env)

@@ -41,7 +41,6 @@ from server.strategies import AdapterStrategy
 from server.validation import update_norm
 
 log = logging.getLogger("fedslm")
-CENTRAL_EPSILON = "central-epsilon"  # in aggregate_train's metrics: ε after the release
 
 
 def dp_fedavg(reference: Arrays, updates: Sequence[Arrays], clip_norm: float,
@@ -68,6 +67,10 @@ class CentralDP(Strategy):
     """DP-FedAvg around `strategy`, its user-level ε charged to the ledger at `ledger`.
     `seed`: noise drawn from (seed, round), so that a resumed run draws the same; None
     draws it from the operating system."""
+
+    def start(self, *args: Any, **kwargs: Any) -> Any:
+        """Not used, as for the strategies it wraps (server/strategies.py says why)."""
+        raise NotImplementedError("fedslm strategies are run by server.engine.Federation")
 
     def __init__(self, strategy: AdapterStrategy, *, noise_multiplier: float,
                  clip_norm: float, delta: float, num_clients: int, ledger: Path,
@@ -113,8 +116,7 @@ class CentralDP(Strategy):
                                   self.noise_multiplier, q * self.num_clients, rng)
         log.info("round %d: central DP, update norms %s, user-level epsilon %.3f",
                  server_round, [round(n, 3) for n in norms], self.epsilon)
-        metrics = {NUM_EXAMPLES: float(sum(w for _, w in updates)),
-                   CENTRAL_EPSILON: self.epsilon}
+        metrics = {NUM_EXAMPLES: float(sum(w for _, w in updates))}
         return to_record(self.strategy.merge(arrays)), MetricRecord(metrics)
 
     def aggregate_evaluate(self, server_round: int,

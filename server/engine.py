@@ -27,6 +27,7 @@ from contracts.adapter import Arrays, cut_to_rank, rank_of
 from contracts.config import for_clients
 from contracts.rundir import (
     ADAPTER,
+    CheckpointError,
     append_metrics,
     client_state_root,
     load_checkpoint,
@@ -34,7 +35,7 @@ from contracts.rundir import (
     save_checkpoint,
     write_config,
 )
-from contracts.wire import ADAPTER_CONFIG, STATUS, Status, epsilon_from_json, status_text
+from contracts.wire import ADAPTER_CONFIG, RUN_ID, STATUS, Status, epsilon_from_json, status_text
 from server.central_dp import CentralDP
 from server.errors import FederationError, TooFewUpdates
 from server.nodes import NodePool, Sampling
@@ -60,7 +61,7 @@ def client_config(config: dict[str, Any], run_dir: Path) -> ConfigRecord:
     """What every message tells the clients: the client and node keys, the run's id and
     where the clients keep their state (absolute)."""
     state_root = client_state_root(run_dir, config["state-root"])
-    return ConfigRecord({**for_clients(config), "run-id": run_dir.name,
+    return ConfigRecord({**for_clients(config), RUN_ID: run_dir.name,
                          "state-root": str(state_root)})
 
 
@@ -100,6 +101,14 @@ class RunState:
     @classmethod
     def load(cls, run_dir: Path) -> RunState:
         state, arrays = load_checkpoint(run_dir)
+        try:
+            return cls._from(state, arrays)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"cannot resume {run_dir}: its checkpoint state lacks or "
+                                  f"garbles {exc}") from None
+
+    @classmethod
+    def _from(cls, state: dict[str, Any], arrays: Arrays) -> RunState:
         return cls(
             arrays=arrays, adapter_config=state["adapter_config"],
             epsilon_by_client={k: epsilon_from_json(v)
@@ -139,7 +148,7 @@ class Federation:
     def __init__(self, grid: Grid, config: dict[str, Any], run_dir: Path,
                  echo: Callable[[str], None]) -> None:
         self.grid, self.run_dir, self.echo = grid, run_dir, echo
-        self.config = {**config, "run-id": run_dir.name, "run-dir": str(run_dir)}
+        self.config = {**config, RUN_ID: run_dir.name, "run-dir": str(run_dir)}
         if not config["resume"]:
             write_config(run_dir, {**self.config, "resume": ""})
         self.client_config = client_config(config, run_dir)

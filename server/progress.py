@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.rundir import read_progress
+from contracts.wire import RUN_ID
 
 
 def estimate_left(running: list[dict[str, Any]], waiting: int) -> float | None:
@@ -34,7 +35,8 @@ def estimate_left(running: list[dict[str, Any]], waiting: int) -> float | None:
 def progress_line(rnd: int, seconds: float, records: list[dict[str, Any]], sent: int) -> str:
     head = f"  round {rnd} training, {seconds:.0f}s: "
     if not records:  # a deployment: the devices log their own progress
-        return head + f"{sent} clients asked, no progress reported here"
+        return head + f"waiting for {sent} clients (none has reported progress here; a " \
+            "device logs its own)"
     parts = [f"{r['client']} {r['step']}/{r['planned']}" for r in records]
     waiting = max(0, sent - len(records))
     if waiting:
@@ -57,7 +59,7 @@ class ProgressMonitor:
 
     def records(self) -> list[dict[str, Any]]:
         return [r for r in read_progress(self.state_root)
-                if r.get("run-id") == self.run_id and r.get("round") == self.rnd]
+                if r.get(RUN_ID) == self.run_id and r.get("round") == self.rnd]
 
     def _loop(self) -> None:
         while not self.stopped.wait(self.every):

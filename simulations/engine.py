@@ -13,8 +13,9 @@ from client.data import DataError, partitions
 from client.profiles import profile
 from contracts.config import resolve
 from contracts.environment import apply_loopback
-from contracts.rundir import load_checkpoint, new_run_dir
+from contracts.rundir import new_run_dir
 from contracts.wire import format_epsilon
+from server.engine import RunState
 from simulations import canaries
 
 log = logging.getLogger("fedslm")
@@ -43,7 +44,7 @@ def simulate(overrides: dict[str, Any], echo: Callable[[str], None] = print,
     config = resolve(file=file, flags=overrides)
     if config["resume"]:
         run_dir = Path(config["resume"])
-        load_checkpoint(run_dir)  # fail now, not inside the engine
+        RunState.load(run_dir)  # fail now, not inside the engine
     apply_loopback()
     preflight(config)
     if config["threads"] == 0:

@@ -78,16 +78,44 @@ def _entry(**changes) -> Entry:
 
 
 def test_a_sigma_is_kept_only_for_the_inputs_it_was_searched_for():
-    same = dict(sample_rate=0.1, steps=3, delta=1e-5, budget_epsilon=None)
-    assert kept_noise(this_run=[_entry()], **same) == 1.5
-    assert kept_noise(this_run=[], **same) is None
-    assert kept_noise(this_run=[_entry(sample_rate=0.2)], **same) is None  # other data
-    assert kept_noise(this_run=[_entry(budget_epsilon=4.0)], **same) is None  # another budget
+    same = dict(run_id="r", sample_rate=0.1, steps=3, delta=1e-5, budget_epsilon=None)
+    assert kept_noise(entries=[_entry()], **same) == 1.5
+    assert kept_noise(entries=[], **same) is None
+    assert kept_noise(entries=[_entry(sample_rate=0.2)], **same) is None  # other data
+    assert kept_noise(entries=[_entry(budget_epsilon=4.0)], **same) is None  # another budget
+    assert kept_noise(entries=[_entry(noise_multiplier=0.0)], **same) is None  # no noise
+    # another run charged the ledger after this run's last round: its spend changes the
+    # search, so σ is searched again (a kept σ could overshoot the target)
+    assert kept_noise(entries=[_entry(), _entry(run_id="other")], **same) is None
+    assert kept_noise(entries=[_entry(run_id="other"), _entry()], **same) == 1.5
+
+
+def test_another_runs_spend_mid_run_gives_what_a_fresh_search_gives(tiny_model, text_clients,
+                                                                    tmp_path):
+    s = client_settings(tiny_model, text_clients, tmp_path, local_steps=3, run_id="run-a")
+    _, first = charge_round(s=s, client="alice", num_examples=40, dataset="fp")
+    other = client_settings(tiny_model, text_clients, tmp_path, local_steps=20, run_id="run-b",
+                            noise_multiplier=1.0)
+    charge_round(s=other, client="alice", num_examples=40, dataset="fp")
+    later = client_settings(tiny_model, text_clients, tmp_path, local_steps=3, run_id="run-a",
+                            server_round=2)
+    verdict, plan = charge_round(s=later, client="alice", num_examples=40, dataset="fp")
+    with Ledger(tmp_path / "alice" / LEDGER_FILE) as ledger:
+        entries = ledger.entries()
+    earlier = [e.mechanism for e in entries[:-1] if e.run_id != "run-a"]
+    assert not verdict.refused and len(earlier) == 1
+    fresh = noise_for_target(8.0, 1e-5, 0.1, 9, prior=earlier)
+    assert plan.noise_multiplier == fresh > first.noise_multiplier
 
 
 def test_a_configured_sigma_is_used_as_it_is(tiny_model, text_clients, tmp_path):
     s = client_settings(tiny_model, text_clients, tmp_path, noise_multiplier=0.7)
-    assert run_noise(s=s, this_run=[_entry()], sample_rate=0.1) == 0.7
+    assert run_noise(s=s, entries=[_entry()], sample_rate=0.1) == 0.7
+
+
+def test_a_run_the_server_did_not_name_never_reuses_sigma(tiny_model, text_clients, tmp_path):
+    s = client_settings(tiny_model, text_clients, tmp_path, run_id="local")
+    assert run_noise(s=s, entries=[_entry(run_id="local")], sample_rate=0.1) is None
 
 
 def test_the_charged_plan_is_the_one_recorded(tiny_model, text_clients, tmp_path):

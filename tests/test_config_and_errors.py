@@ -118,7 +118,9 @@ def test_every_key_is_declared_once_with_help_a_check_and_a_scope():
 
 
 @pytest.mark.parametrize("node, message", [
-    ({"partition-id": -1}, "node config key 'partition-id' must be >= 0, got -1"),
+    ({"partition-id": -1}, "node config key 'partition-id' must be >= 0 and finite, got -1"),
+    ({"target-epsilon": 1.0}, "node config key 'target-epsilon' is set by the server"),
+    ({"dp": False}, "node config key 'dp' is set by the server"),
     ({"quantization": "fp8"}, "node config key 'quantization' must be one of"),
     ({"lora-r": "x"}, "config key 'lora-r' needs a int"),
     ({"device": "tpu"}, "node config key 'device' must be auto, cpu, cuda or cuda:N"),
@@ -130,6 +132,12 @@ def test_a_bad_node_override_is_refused_naming_the_key(node, message):
         validate_node(node)
     assert "\n" not in str(info.value)
     assert validate_node({"partition-id": 2, "flower-own-key": 1}) == {"partition-id": 2}
+
+
+def test_infinite_values_are_refused():
+    for key in ("clip-norm", "progress-seconds", "lr", "max-update-norm"):
+        with pytest.raises(ConfigError, match=f"'{key}' must be .* and finite, got inf"):
+            validate({key: "inf"})
 
 
 def test_resolve_defaults_file_flags_and_resume(tmp_path):
@@ -179,6 +187,7 @@ def test_certs_bad_targets_and_counts(tmp_path, capsys):
     (["--node-config", "garbage"], "--node-config must be key=value pairs, got 'garbage'"),
     (["--node-config", "partition-id=-1"], "node config key 'partition-id' must be >= 0"),
     (["--node-config", "lora-r=x"], "--node-config values must be numbers"),
+    (["--node-config", "dp=false"], "node config key 'dp' is set by the server"),
     (["--superlink", "localhost"], "--superlink must be HOST:PORT, got 'localhost'"),
     (["--superlink", "127.0.0.1:99999"], "--superlink must be HOST:PORT"),
     (["--port", "0"], "--port must be a port in 1..65535, got 0"),

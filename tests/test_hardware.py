@@ -23,7 +23,7 @@ PI5 = "Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimd
     (SAPPHIRE, "x86_64", "AMX", True),
     ("flags\t\t: avx2 avx512f\n", "x86_64", "AVX-512", False),
     (PI5, "aarch64", "NEON", False),
-    (PI5.rstrip() + " bf16 i8mm\n", "aarch64", "NEON+BF16", True),
+    (PI5.rstrip() + " bf16 i8mm\n", "aarch64", "NEON+BF16", False),  # not measured yet
 ])
 def test_cpu_class_and_bf16(cpuinfo, machine, name, bf16, monkeypatch):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)

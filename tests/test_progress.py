@@ -41,7 +41,8 @@ def test_the_estimate_and_the_line():
     line = progress_line(1, 31.4, running, sent=3)
     assert line == "  round 1 training, 31s: a 2/10, b 5/10, 1 waiting; about 155s left"
     assert progress_line(1, 5, [], sent=2) == \
-        "  round 1 training, 5s: 2 clients asked, no progress reported here"
+        "  round 1 training, 5s: waiting for 2 clients (none has reported progress here; " \
+        "a device logs its own)"
 
 
 @pytest.mark.slow
