@@ -56,16 +56,34 @@ class Session:
     """One client's view of the process cache in a round."""
 
     key: tuple
-    model: Any  # a PeftModel
-    tokenizer: Any
-    quantization: Quantization
-    source: str
-    client: str
-    train: data_mod.Examples
-    heldout: data_mod.Examples
+    loaded: LoadedModel
+    data: ClientData
     adapter_config: str
     profile: DeviceProfile
-    on_gpu: bool
+
+    @property
+    def model(self) -> Any:  # a PeftModel
+        return self.loaded.model
+
+    @property
+    def quantization(self) -> Quantization:
+        return self.loaded.quantization
+
+    @property
+    def client(self) -> str:
+        return self.data.client
+
+    @property
+    def train(self) -> data_mod.Examples:
+        return self.data.train
+
+    @property
+    def heldout(self) -> data_mod.Examples:
+        return self.data.heldout
+
+    @property
+    def on_gpu(self) -> bool:
+        return next(self.model.parameters()).device.type == "cuda"
 
     _current: ClassVar[Session | None] = None
     _model: ClassVar[tuple[tuple, LoadedModel] | None] = None
@@ -97,10 +115,8 @@ class Session:
         device = next(loaded.model.parameters()).device
         data = cls._data_for(data_key, s, loaded, device)
         base_name = s.model if s.model != EMBEDDED else loaded.source
-        cls._current = cls(key, loaded.model, loaded.tokenizer, loaded.quantization,
-                           loaded.source, data.client, data.train, data.heldout,
-                           adapter_config_json(loaded.model, base_name), device_profile,
-                           device.type == "cuda")
+        cls._current = cls(key, loaded, data, adapter_config_json(loaded.model, base_name),
+                           device_profile)
         return cls._current
 
     @classmethod
