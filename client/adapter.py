@@ -15,8 +15,9 @@ from contracts.adapter import LORA, Arrays, cut_to_rank, is_lora_a, spec
 
 
 def attach_lora(model: Any, r: int, alpha: float, dropout: float, targets: list[str],
-                seed: int) -> Any:
-    """Wrap `model` with a LoRA adapter whose initial weights depend on `seed` only.
+                seed: int, layers: int = 0) -> Any:
+    """Wrap `model` with a LoRA adapter whose initial weights depend on `seed` only, in
+    its top `layers` decoder layers (0: every layer).
 
     A is filled from a CPU generator in a fixed order (Kaiming-uniform, as PEFT
     does) and B is zero, so every client, on any device, starts from the same
@@ -27,17 +28,30 @@ def attach_lora(model: Any, r: int, alpha: float, dropout: float, targets: list[
     missing_targets(model, targets)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-        bias="none", task_type="CAUSAL_LM",
+        bias="none", task_type="CAUSAL_LM", **_top_layers(model, layers),
     )
     peft_model = get_peft_model(model, config)
     reset_adapter(peft_model, seed)
     return peft_model
 
 
+def _top_layers(model: Any, layers: int) -> dict[str, Any]:
+    """PEFT's arguments that put the adapter in the top `layers` decoder layers."""
+    if not layers:
+        return {}
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    total = int(config.num_hidden_layers)
+    if layers > total:
+        raise ModelError(f"lora-layers is {layers} but the model has {total} decoder layers")
+    return {"layers_to_transform": list(range(total - layers, total)),
+            "layers_pattern": "layers"}
+
+
 def attach_for_strategy(model: Any, strategy: str, r: int, alpha: float, dropout: float,
-                        targets: list[str], seed: int) -> Any:
+                        targets: list[str], seed: int, layers: int = 0) -> Any:
     """`attach_lora`, with A frozen when the strategy does not train it."""
-    peft_model = attach_lora(model, r, alpha, dropout, targets, seed)
+    peft_model = attach_lora(model, r, alpha, dropout, targets, seed, layers)
     if not spec(strategy).trains_a:
         freeze_lora_a(peft_model)
     return peft_model

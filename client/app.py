@@ -2,6 +2,12 @@
 
 Only LoRA adapter tensors and scalar metrics (plus a few descriptive strings:
 client name, quantization mode, adapter config) leave the client.
+
+On a node started by `fedslm supernode` the node config names the node's worker
+(client/worker.py), a long-lived process that keeps the model loaded: the round runs
+there, and this process (a fresh one per message, Flower's design) only forwards the
+message, without importing torch. Otherwise (a simulation, a plain `flower-supernode`,
+`fedslm supernode --no-worker`) the round runs in this process.
 """
 
 from __future__ import annotations
@@ -22,8 +28,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.rounds import evaluate_round, simulated_dropout, train_round
-from client.settings import ClientSettings
+from client import worker as worker_mod
 from contracts.adapter import Arrays
 from contracts.environment import SIMULATION
 from contracts.wire import ARRAYS, CONFIG, INFO, METRICS
@@ -51,22 +56,42 @@ _show_progress_on_the_device()
 app = ClientApp()
 
 
-def _settings(msg: Message, context: Context) -> ClientSettings:
-    return ClientSettings.from_records(dict(msg.content[CONFIG]), dict(context.node_config))
-
-
 def _arrays(msg: Message) -> Arrays:
     record = msg.content.array_records.get(ARRAYS)
     return {k: v.numpy() for k, v in record.items()} if record else {}
 
 
+def _worker(context: Context) -> str:
+    """The socket of this node's worker, or "" to run the round in this process."""
+    return str(context.node_config.get("worker", "") or "")
+
+
+def _in_worker(kind: str, msg: Message, context: Context) -> tuple[str, object]:
+    return worker_mod.call(_worker(context), kind, dict(msg.content[CONFIG]),
+                           dict(context.node_config), _arrays(msg))
+
+
+def _dropped(msg: Message, reason: str) -> Message:
+    """An error reply, as from a device that failed."""
+    return Message(error=Error(code=0, reason=reason), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    settings = _settings(msg, context)
-    if simulated_dropout(settings):  # an error reply, as from a device that failed
-        reason = f"simulated dropout (dropout-rate={settings.dropout_rate:g})"
-        return Message(error=Error(code=0, reason=reason), reply_to=msg)
-    arrays, metrics, info = train_round(settings, _arrays(msg))
+    if _worker(context):
+        status, body = _in_worker(worker_mod.TRAIN, msg, context)
+        if status == worker_mod.DROPOUT:
+            return _dropped(msg, str(body))
+        arrays, metrics, info = body
+    else:
+        from client.rounds import simulated_dropout, train_round
+        from client.settings import ClientSettings
+
+        settings = ClientSettings.from_records(dict(msg.content[CONFIG]),
+                                               dict(context.node_config))
+        if simulated_dropout(settings):
+            return _dropped(msg, worker_mod.dropout_reason(settings.dropout_rate))
+        arrays, metrics, info = train_round(settings, _arrays(msg))
     content = RecordDict({
         ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
         METRICS: MetricRecord(metrics),
@@ -77,7 +102,15 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    initial, metrics, info = evaluate_round(_settings(msg, context), _arrays(msg))
+    if _worker(context):
+        _, (initial, metrics, info) = _in_worker(worker_mod.EVALUATE, msg, context)
+    else:
+        from client.rounds import evaluate_round
+        from client.settings import ClientSettings
+
+        settings = ClientSettings.from_records(dict(msg.content[CONFIG]),
+                                               dict(context.node_config))
+        initial, metrics, info = evaluate_round(settings, _arrays(msg))
     content = RecordDict({METRICS: MetricRecord(metrics), INFO: ConfigRecord(info)})
     if initial:  # round 0: the seeded, data-independent initial adapter
         content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in initial.items()})

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from client import data as data_mod
+from client import frozen_prefix
 from client.adapter import adapter_config_json, attach_for_strategy
 from client.base_model import (
     EMBEDDED,
@@ -105,8 +106,9 @@ class Session:
         device_profile = profile(s.device_profile)
         threads = s.threads or device_profile.threads
         model_key = (s.model, s.quantization, s.device, s.lora_r, s.lora_alpha, s.lora_dropout,
-                     s.lora_targets, s.seed, threads, s.strategy)
-        data_key = (s.data, s.partition, s.seq_len, s.max_eval_seqs, s.canary_file, s.client)
+                     s.lora_targets, s.lora_layers, s.seed, threads, s.strategy)
+        data_key = (s.data, s.partition, s.seq_len, s.max_eval_seqs, s.canary_file, s.client,
+                    s.frozen_cache)
         key = (model_key, data_key, s.device_profile)
         if cls._current is not None and cls._current.key == key:
             return cls._current
@@ -136,7 +138,10 @@ class Session:
             if len(cls._data) >= cls.MAX_CLIENTS_CACHED:
                 cls._data.pop(next(iter(cls._data)))
             name, train_set, heldout = load_data(s, loaded.tokenizer)
-            cls._data[data_key] = ClientData(name, train_set.to(device), heldout.to(device))
+            train_set, heldout = train_set.to(device), heldout.to(device)
+            if s.frozen_cache:
+                train_set, heldout = with_frozen_prefix(loaded.model, name, train_set, heldout)
+            cls._data[data_key] = ClientData(name, train_set, heldout)
             quant = loaded.quantization
             log.info("client %s: %d train / %d held-out sequences, quantization %s (%s)",
                      name, len(train_set), len(heldout), quant.mode, quant.reason)
@@ -154,8 +159,25 @@ def load_model(s: ClientSettings) -> LoadedModel:
     quant = choose_quantization(s.quantization, device, count_params(source))
     base, tokenizer = load_base(source, quant, device)
     model = attach_for_strategy(base, s.strategy, s.lora_r, s.lora_alpha, s.lora_dropout,
-                                list(s.lora_targets), s.seed)
+                                list(s.lora_targets), s.seed, s.lora_layers)
     return LoadedModel(model, tokenizer, quant, source)
+
+
+def with_frozen_prefix(model: Any, client: str, *sets: data_mod.Examples
+                       ) -> tuple[data_mod.Examples, ...]:
+    """The sets with their frozen lower layers' outputs attached, when the adapter leaves
+    lower layers frozen (client/frozen_prefix.py); else unchanged."""
+    layer = frozen_prefix.first_trained_layer(model)
+    if layer == 0:
+        return sets
+    model.eval()
+    out = tuple(e.with_prefix(frozen_prefix.lower_outputs(model, e.input_ids, e.attention_mask,
+                                                          layer), layer) for e in sets)
+    total = len(frozen_prefix.decoder_of(model).layers)
+    log.info("client %s: %s (%.0f MB)", client,
+             frozen_prefix.describe(layer, total, len(sets[0]), len(sets[-1])),
+             sum(e.prefix.numel() * e.prefix.element_size() for e in out) / 1e6)
+    return out
 
 
 def load_data(s: ClientSettings, tokenizer: Any

@@ -49,12 +49,21 @@ class Examples:
     input_ids: torch.Tensor  # [N, T]
     attention_mask: torch.Tensor  # [N, T]
     labels: torch.Tensor  # [N, T]; -100 where no loss is taken
+    # The frozen lower layers' output for each row ([N, T, H]) and the first layer that
+    # still has to run on it (client/frozen_prefix.py); None: run from the tokens.
+    prefix: torch.Tensor | None = None
+    prefix_layer: int = 0
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def _rows(self, rows: torch.Tensor | slice, cols: slice = slice(None)) -> Examples:
+        prefix = None if self.prefix is None else self.prefix[rows][:, cols]
+        return Examples(self.input_ids[rows][:, cols], self.attention_mask[rows][:, cols],
+                        self.labels[rows][:, cols], prefix, self.prefix_layer)
+
     def select(self, index: torch.Tensor) -> Examples:
-        return Examples(self.input_ids[index], self.attention_mask[index], self.labels[index])
+        return self._rows(index)
 
     def trimmed(self) -> Examples:
         """Without the trailing columns that are padding in every row (rows are
@@ -62,12 +71,19 @@ class Examples:
         width = int(self.attention_mask.sum(dim=1).max()) if len(self) else 0
         if width >= self.input_ids.shape[1] or width == 0:
             return self
-        return Examples(self.input_ids[:, :width], self.attention_mask[:, :width],
-                        self.labels[:, :width])
+        return self._rows(slice(None), slice(0, width))
+
+    def with_prefix(self, prefix: torch.Tensor, layer: int) -> Examples:
+        return Examples(self.input_ids, self.attention_mask, self.labels, prefix, layer)
 
     def to(self, device: torch.device) -> Examples:
+        prefix = None if self.prefix is None else self.prefix.to(device)
         return Examples(self.input_ids.to(device), self.attention_mask.to(device),
-                        self.labels.to(device))
+                        self.labels.to(device), prefix, self.prefix_layer)
+
+    def nbytes(self) -> int:
+        tensors = (self.input_ids, self.attention_mask, self.labels, self.prefix)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(self.input_ids.cpu().numpy().tobytes())

@@ -13,11 +13,14 @@ Opacus' per-sample hooks on the LoRA layers see.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from client import frozen_prefix
 from client.data import Examples
 
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 4M fp32 values = 16 MB
@@ -88,8 +91,7 @@ SCALING_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 def _parts(model):
     """(decoder, output weight) when the chunked loss applies to `model`, else None."""
-    inner = getattr(model, "_module", model)  # Opacus' GradSampleModule
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    base = frozen_prefix.base_of(model)
     config = getattr(base, "config", None)
     if config is None or getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS:
         return None
@@ -109,16 +111,27 @@ def _parts(model):
 
 def _head_inputs(model, batch: Examples, chunked: bool):
     """(labels [B, T-1], and either full logits [B, T-1, V] in fp32 or None, and either
-    (hidden [B*(T-1), H], head weight) or None): one forward of the trimmed batch."""
+    (hidden [B*(T-1), H], head weight) or None): one forward of the trimmed batch, from
+    its cached frozen-layer states when it has them (client/frozen_prefix.py)."""
     batch = batch.trimmed()
     labels = batch.labels[:, 1:]
     parts = _parts(model) if chunked else None
-    if parts is None:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return labels, logits[:, :-1].float(), None
-    decoder, weight = parts
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
+    with _inputs(model, batch) as inputs:
+        if parts is None:
+            logits = model(**inputs, attention_mask=batch.attention_mask).logits
+            return labels, logits[:, :-1].float(), None
+        decoder, weight = parts
+        hidden = decoder(**inputs, attention_mask=batch.attention_mask)[0]
     return labels, None, (hidden[:, :-1].reshape(-1, hidden.shape[-1]), weight)
+
+
+@contextmanager
+def _inputs(model, batch: Examples) -> Iterator[dict[str, torch.Tensor]]:
+    if batch.prefix is None:
+        yield {"input_ids": batch.input_ids}
+        return
+    with frozen_prefix.upper_only(model, batch.prefix_layer):
+        yield {"inputs_embeds": batch.prefix}
 
 
 def token_losses(model: Any, batch: Examples,

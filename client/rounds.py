@@ -21,7 +21,7 @@ from client.dp_plan import DPPlan
 from client.energy import peak_rss_mb
 from client.evaluation import evaluate
 from client.progress import RoundProgress
-from client.settings import ClientSettings
+from client.settings import ClientSettings, micro_batch
 from client.trainer import TrainResult, train
 from contracts import codec
 from contracts import wire as w
@@ -93,7 +93,8 @@ def _train(session: Session, s: ClientSettings, plan: DPPlan, verdict: RoundPlan
 
     return train(session.model, session.train, plan=plan, lr=s.lr, sampling=sampling,
                  noise=noise, optimizer_name=s.optimizer, progress=progress,
-                 micro_batch=s.micro_batch)
+                 micro_batch=micro_batch(s.micro_batch_tokens, s.seq_len,
+                                         session.quantization.dtype))
 
 
 def generators(s: ClientSettings, client: str,

@@ -37,7 +37,7 @@ class ClientSettings:
     state_root: str
     seq_len: int
     batch_size: int
-    micro_batch: int  # 0: the whole drawn batch in one forward/backward
+    micro_batch_tokens: int | str  # "auto" or a budget (0: the whole drawn batch at once)
     local_steps: int
     lr: float
     optimizer: str
@@ -45,6 +45,9 @@ class ClientSettings:
     lora_alpha: float
     lora_dropout: float
     lora_targets: tuple[str, ...]
+    lora_layers: int  # LoRA on the top N decoder layers (0: all)
+    frozen_cache: bool  # cache the frozen lower layers' outputs (client/frozen_prefix.py)
+    worker: str  # a `fedslm supernode`'s long-lived model process ("": run in this process)
     dp: bool
     target_epsilon: float
     delta: float
@@ -99,6 +102,8 @@ def _model_fields(c: dict[str, Any]) -> dict[str, Any]:
         "model": c["model"], "quantization": c["quantization"], "device": c["device"],
         "threads": c["threads"], "lora_dropout": c["lora-dropout"],
         "lora_targets": tuple(t.strip() for t in c["lora-targets"].split(",") if t.strip()),
+        "lora_layers": c["lora-layers"], "frozen_cache": c["frozen-cache"],
+        "worker": c["worker"],
         "seed": c["seed"], "reproducible": c["reproducible"], "cache_dir": c["cache-dir"],
         "strategy": c["strategy"], "update_encoding": c["update-encoding"],
         "dropout_rate": c["dropout-rate"],
@@ -115,8 +120,7 @@ def _data_fields(c: dict[str, Any]) -> dict[str, Any]:
 
 def _training_fields(c: dict[str, Any]) -> dict[str, Any]:
     return {
-        "batch_size": c["batch-size"], "micro_batch": micro_batch(c["micro-batch-tokens"],
-                                                                  c["seq-len"]),
+        "batch_size": c["batch-size"], "micro_batch_tokens": c["micro-batch-tokens"],
         "local_steps": c["local-steps"], "lr": c["lr"], "optimizer": c["optimizer"],
         "progress_seconds": c["progress-seconds"],
     }
@@ -132,9 +136,19 @@ def _privacy_fields(c: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def micro_batch(tokens: int, seq_len: int) -> int:
-    """Sequences per forward/backward for a `micro-batch-tokens` budget (0: no limit)."""
-    return max(1, tokens // seq_len) if tokens > 0 else 0
+# `micro-batch-tokens = auto` by compute dtype: what keeps the client's peak memory under
+# 1.5 GiB at the demo and bench shapes (docs/speed.md); fp32 activations and weights
+# take twice the bytes of bf16 ones, and fp32 is the path of CPUs without bf16.
+AUTO_MICRO_BATCH_TOKENS = {"float32": 64}
+AUTO_MICRO_BATCH_TOKENS_16BIT = 512
+
+
+def micro_batch(tokens: int | str, seq_len: int, dtype: str = "bfloat16") -> int:
+    """Sequences per forward/backward for a `micro-batch-tokens` budget (0: no limit;
+    `auto`: by the compute dtype)."""
+    if tokens == "auto":
+        tokens = AUTO_MICRO_BATCH_TOKENS.get(dtype, AUTO_MICRO_BATCH_TOKENS_16BIT)
+    return max(1, int(tokens) // seq_len) if int(tokens) > 0 else 0
 
 
 def _positive_or_none(value: float) -> float | None:

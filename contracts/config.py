@@ -76,8 +76,12 @@ def _device(v: Any) -> str | None:
     return None if ok else "must be auto, cpu, cuda or cuda:N"
 
 
-def _noise(v: Any) -> str | None:
+def _auto_or_non_negative(v: Any) -> str | None:
     return None if v == "auto" or v >= 0 else "must be 'auto' or >= 0"
+
+
+# keys that take "auto" or a number of this type
+AUTO_OR_NUMBER = {"noise-multiplier": float, "micro-batch-tokens": int}
 
 
 def _targets(v: Any) -> str | None:
@@ -96,7 +100,7 @@ class Key:
 
     @property
     def kind(self) -> type:
-        return float if self.name == "noise-multiplier" else type(self.default)
+        return AUTO_OR_NUMBER.get(self.name, type(self.default))
 
 
 K = Key
@@ -143,19 +147,26 @@ SCHEMA: dict[str, Key] = {k.name: k for k in (
       positive, NODE),
     K("lora-alpha", 16.0, "LoRA alpha", positive),
     K("lora-dropout", 0.0, "LoRA dropout", fraction),
-    K("lora-targets", "q_proj,v_proj", "modules that get a LoRA adapter, comma-separated",
-      _targets),
+    K("lora-targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+      "modules that get a LoRA adapter, comma-separated", _targets),
+    K("lora-layers", 0, "LoRA on the top N decoder layers only (0 = every layer)",
+      non_negative),
+    K("frozen-cache", True, "with `lora-layers` set, the frozen lower layers' outputs for "
+      "the client's examples are computed once and each step runs only the top layers: the "
+      "same losses and gradients, fewer FLOPs; the cache is private data and stays in the "
+      "client's memory", scope=NODE),
     # data
     K("data", "embedded", "`embedded`, a `.jsonl` file, a folder, or a text file", non_empty,
       NODE),
     K("seq-len", 64, "tokens per training example", positive),
     K("max-eval-seqs", 24, "held-out sequences evaluated per client", positive),
     # local training
-    K("local-steps", 10, "DP-SGD steps per client and round", positive),
+    K("local-steps", 6, "DP-SGD steps per client and round", positive),
     K("batch-size", 16, "the expected Poisson batch (q = batch-size / examples)", positive),
-    K("micro-batch-tokens", 512, "a drawn batch goes through forward/backward at most this "
-      "many tokens at a time (0 = all at once): less memory, the same update and privacy",
-      non_negative, NODE),
+    K("micro-batch-tokens", "auto", "a drawn batch goes through forward/backward at most "
+      "this many tokens at a time (0 = all at once): less memory, the same update and "
+      "privacy; `auto` = 512 with 16-bit compute, 64 with fp32 (a CPU without bf16)",
+      _auto_or_non_negative, NODE),
     K("lr", 0.01, "learning rate", positive),
     K("optimizer", "adamw", "`adamw` or `sgd`", one_of(*OPTIMIZERS)),
     # differential privacy (per client, sample level)
@@ -164,7 +175,7 @@ SCHEMA: dict[str, Key] = {k.name: k for k in (
       "run; σ is derived from it", positive),
     K("delta", 1e-5, "δ of every (ε, δ) guarantee", open_unit),
     K("noise-multiplier", "auto", "`auto` derives σ from target-epsilon; a number fixes it",
-      _noise),
+      _auto_or_non_negative),
     K("clip-norm", 1.0, "per-example gradient clipping norm", positive),
     K("audit-canaries", 0, "plant this many canaries for an empirical privacy audit",
       non_negative, SERVER),
@@ -183,6 +194,8 @@ SCHEMA: dict[str, Key] = {k.name: k for k in (
     K("partition-id", 0, "which data partition this node holds", non_negative, NODE_ONLY),
     K("client", "", "this node's client name (default: from its data)", scope=NODE_ONLY),
     K("state-dir", "", "this node's state folder (ledger, model cache)", scope=NODE_ONLY),
+    K("worker", "", "set by `fedslm supernode`: the node's long-lived model process "
+      "(internal)", scope=NODE_ONLY),
     K("num-partitions", 0, "set by Flower's simulation engine (unused)", scope=NODE_ONLY),
 )}
 
@@ -196,7 +209,7 @@ def coerce(name: str, value: Any) -> Any:
     key = SCHEMA.get(name)
     if key is None:
         raise ConfigError(f"unknown config key {name!r} (known keys: {', '.join(RUN_KEYS)})")
-    if name == "noise-multiplier" and str(value) == "auto":
+    if name in AUTO_OR_NUMBER and str(value) == "auto":
         return "auto"
     kind = key.kind
     try:

@@ -131,18 +131,22 @@ def supernode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-config", default="",
                    help="e.g. \"partition-id=0 device-profile='raspberry-pi-5'\"")
     p.add_argument("--insecure", action="store_true", help="no TLS")
+    p.add_argument("--no-worker", action="store_true", help="no long-lived worker: each "
+                   "message's ClientApp process loads torch and the model itself (slower "
+                   "rounds; no model held in memory between messages)")
 
 
 def supernode(args: argparse.Namespace) -> int:
     from deploy.launch import start_supernode
 
-    start_supernode(_path(args.ca), _path(args.key), args.superlink, args.port,
-                    Path(args.state), args.node_config, args.insecure)
-    return 0
+    return start_supernode(_path(args.ca), _path(args.key), args.superlink, args.port,
+                           Path(args.state), args.node_config, args.insecure,
+                           worker=not args.no_worker)
 
 
 def bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="BENCHMARKS.md", help="markdown report ('' for none)")
+    p.add_argument("--out", default=None, help="markdown report (default: "
+                   "benchmarks/<cpu class>.md, e.g. benchmarks/avx2.md; '' for none)")
     p.add_argument("--json", help="also write the raw results as JSON")
     p.add_argument("--steps", type=int, default=6, help="timed steps per case")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -163,4 +167,5 @@ def bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(model=args.model, data=args.data, steps=args.steps, threads=args.threads,
                       quick=args.quick, cases=args.case, emulate_no_bf16=args.emulate_no_bf16)
     command = "fedslm " + " ".join(sys.argv[1:] if sys.argv[1:2] == ["bench"] else ["bench"])
-    return main(cfg, _path(args.out), _path(args.json), command)
+    out = None if args.out == "" else (Path(args.out) if args.out else "by-class")
+    return main(cfg, out, _path(args.json), command)

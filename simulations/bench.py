@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from client.settings import micro_batch
+from simulations.time_to_quality import render as render_ttq
 
 
 @dataclass
@@ -32,7 +33,7 @@ class BenchConfig:
     batch: int = 8
     threads: int = 2
     lora_r: int = 8
-    micro_batch_tokens: int = 512  # the client default's memory lever (contracts/config.py)
+    micro_batch_tokens: int | str = "auto"  # the client default (client/settings.py)
     steps: int = 6
     warmup: int = 1
     quick: bool = False  # structure only: one step per case, a tiny round
@@ -81,7 +82,7 @@ def _case(cfg: BenchConfig, name: str, quant: str, dtype: str, dp: bool, loss: s
           micro: bool, threads: int) -> dict[str, Any]:
     return {"name": name, "model": cfg.model, "data": cfg.data, "quantization": quant,
             "dtype": dtype, "dp": dp, "loss": loss, "seq_len": cfg.seq_len, "batch": cfg.batch,
-            "micro_batch": micro_batch(cfg.micro_batch_tokens, cfg.seq_len) if micro else 0,
+            "micro_batch_tokens": cfg.micro_batch_tokens if micro else 0,
             "threads": threads or cfg.threads,
             "lora_r": cfg.lora_r, "warmup": cfg.warmup, "steps": cfg.steps, "flops": True}
 
@@ -211,9 +212,24 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict[str
     echo("bench: federation overhead (a simulated run) ...")
     with tempfile.TemporaryDirectory() as tmp:
         overhead = federation_overhead(cfg, Path(tmp))
+    echo("bench: time to quality (textbook vs fedslm, side by side) ...")
+    ttq = time_to_quality(cfg)
     return {"config": cfg.__dict__, "machine": machine(cfg.model), "steps": results,
             "paired": paired_results, "peaks": peaks,
-            "sizes": sizes, "overhead": overhead}
+            "sizes": sizes, "overhead": overhead, "time_to_quality": ttq}
+
+
+def time_to_quality(cfg: BenchConfig) -> dict[str, Any]:
+    """simulations/time_to_quality.py in a fresh process (its two models' memory is its own)."""
+    code = ("import json, sys; from simulations.time_to_quality import measure; "
+            f"r = measure({cfg.model!r}, {cfg.data!r}, threads={cfg.threads}, "
+            f"quick={cfg.quick}, echo=lambda line: print(line, file=sys.stderr)); "
+            "print(json.dumps(r))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=_quiet_env(cfg.threads))
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def auto_path(model: str) -> str:
@@ -247,7 +263,7 @@ def machine(model: str = "embedded") -> dict[str, Any]:
 
 
 TARGETS = {"dp_overhead": 1.10, "peak_mb": 1536, "speedup": 2.0, "compression": 500,
-           "federation_overhead": 0.15}
+           "federation_overhead": 0.15, "time_to_quality": 2.0}
 
 
 def _by_name(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -264,7 +280,9 @@ def headline(result: dict[str, Any]) -> dict[str, float | None]:
                    if s["strategy"] == "fedavg" and s["encoding"] == "int8-delta"), None)
     later = [r["overhead"] for r in result["overhead"]["rounds"] if r["round"] >= 1] or \
         [r["overhead"] for r in result["overhead"]["rounds"]]
+    ttq = result.get("time_to_quality", {})
     return {
+        "time_to_quality": ttq.get("speedup") or ttq.get("speedup_at_least"),
         "dp_overhead": paired["ratio"] if paired else None,
         "peak_mb": default["peak_train_mb"] if default else None,
         "process_peak_mb": default["peak_process_mb"] if default else None,
@@ -276,14 +294,16 @@ def headline(result: dict[str, Any]) -> dict[str, float | None]:
 
 def render(result: dict[str, Any], command: str) -> str:
     cfg, m = result["config"], result["machine"]
-    micro = micro_batch(cfg["micro_batch_tokens"], cfg["seq_len"])
+    micro = ", ".join(f"{micro_batch(cfg['micro_batch_tokens'], cfg['seq_len'], d)} with "
+                      f"{d}" for d in ("bfloat16", "float32"))
     out = ["# Benchmarks", "",
            f"Measured with `{command}` on {time.strftime('%Y-%m-%d')}: {m['cpu']}, "
            f"{m['cores']} cores, {m['memory_gib']:.0f} GiB, GPU {m['gpu']}; Python "
            f"{m['python']}, torch {m['torch']}. Model `{cfg['model']}` (SmolLM2-135M unless "
            f"set), LoRA r={cfg['lora_r']} on q_proj,v_proj, batch {cfg['batch']} x "
-           f"{cfg['seq_len']} tokens, {cfg['threads']} threads, micro-batches of {micro} "
-           f"sequences ({cfg['micro_batch_tokens']} tokens) where the case says so; median of "
+           f"{cfg['seq_len']} tokens, {cfg['threads']} threads, micro-batches "
+           f"(`micro-batch-tokens` {cfg['micro_batch_tokens']}: sequences {micro}) where the "
+           "case says so; median of "
            f"{cfg['steps']} steps after warm-up, each case in a fresh process. "
            f"CPU class **{m['cpu_class']}**, run as **{m['runs_as']}** (ATen "
            f"{m['aten_capability']}, oneDNN cap {m['onednn_max_cpu_isa']}); `auto` picked "
@@ -294,6 +314,9 @@ def render(result: dict[str, Any], command: str) -> str:
            "", LEVERS, ""]
     out += _targets_table(result) + [""] + _steps_table(result) + [""] + _dp_table(result)
     out += [""] + _sizes_table(result) + [""] + _overhead_table(result)
+    ttq = result.get("time_to_quality", {})
+    out += [""] + (render_ttq(ttq) if "curves" in ttq else
+                   ["## Time to quality (DP, same ε)", "", f"failed: {ttq.get('error')}"])
     return "\n".join(out) + "\n"
 
 
@@ -338,6 +361,9 @@ def _targets_table(result: dict[str, Any]) -> list[str]:
         f"| federation overhead <= {t['federation_overhead']:.0%} of a round (simulation) | "
         f"{fmt(h['federation_overhead'], '{:.1%}')} | "
         f"{_ok(h['federation_overhead'], t['federation_overhead'], True)} |",
+        f"| time to quality >= {t['time_to_quality']:.0f}x the textbook DP path (same ε) | "
+        f"{fmt(h['time_to_quality'], '{:.2f}x')} | "
+        f"{_ok(h['time_to_quality'], t['time_to_quality'], False)} |",
     ]
 
 
@@ -434,12 +460,27 @@ def _overhead_table(result: dict[str, Any]) -> list[str]:
     return rows
 
 
-def main(cfg: BenchConfig, out: Path | None, json_out: Path | None, command: str) -> int:
+def report_path(m: dict[str, Any]) -> Path:
+    """benchmarks/<class>.md: the class the run behaved as (`avx2-emulated` for the
+    no-bf16 path on a bf16 CPU), so that each CPU class keeps its own report."""
+    slug = m["cpu_class"].lower()
+    if m["runs_as"] != m["cpu_class"]:
+        slug = f"{m['onednn_max_cpu_isa'].lower().replace('_', '-')}-emulated-on-{slug}"
+    return Path("benchmarks") / f"{slug}.md"
+
+
+def main(cfg: BenchConfig, out: Path | str | None, json_out: Path | None,
+         command: str) -> int:
+    """`out`: a path, "by-class" (benchmarks/<class>.md) or None (print only)."""
     result = run_bench(cfg)
     text = render(result, command)
     print(text)
+    if out == "by-class":
+        out = report_path(result["machine"])
+        out.parent.mkdir(exist_ok=True)
     if out:
-        out.write_text(text)
+        Path(out).write_text(text)
+        print(f"bench: wrote {out}", file=sys.stderr)
     if json_out:
         json_out.write_text(json.dumps(result, indent=1))
     failed = [r["name"] for r in result["steps"] if "error" in r]

@@ -20,6 +20,7 @@ import torch
 from client import adapter as adapter_mod
 from client import base_model as model_mod
 from client import data as data_mod
+from client.settings import micro_batch
 from client.trainer import backward, make_optimizer, make_private
 
 
@@ -65,6 +66,8 @@ def _load(case: dict[str, Any]):
         case.update(quantization=quant.mode, dtype=quant.dtype, resolved=quant.reason)
     quant = model_mod.Quantization(case["quantization"], case["dtype"], "bench")
     base, tokenizer = model_mod.load_base(source, quant, device)
+    case["micro_batch"] = micro_batch(case.get("micro_batch_tokens", 0), case["seq_len"],
+                                      case["dtype"])
     model = adapter_mod.attach_lora(base, case["lora_r"], 2.0 * case["lora_r"], 0.0,
                                   ["q_proj", "v_proj"], 0)
     return model, [b.to(device) for b in _batches(case, tokenizer)], device

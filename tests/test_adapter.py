@@ -11,6 +11,7 @@ from client import base_model as model_mod
 from client.base_model import ModelError
 from client.cache import Session
 from client.rounds import train_round
+from contracts.config import DEFAULTS
 from contracts.rundir import save_adapter
 from server.strategies import fedavg
 from tests.helpers import client_settings
@@ -19,8 +20,9 @@ FP32 = model_mod.Quantization("none", "float32", "test")
 
 
 def _lora(tiny_model, seed=0, r=4):
+    """The adapter a client starts from with the default LoRA targets."""
     base, _ = model_mod.load_base(str(tiny_model), FP32, torch.device("cpu"))
-    return adapter_mod.attach_lora(base, r, 8.0, 0.0, ["q_proj", "v_proj"], seed)
+    return adapter_mod.attach_lora(base, r, 8.0, 0.0, DEFAULTS["lora-targets"].split(","), seed)
 
 
 def test_initial_adapter_depends_on_the_seed_only(tiny_model):

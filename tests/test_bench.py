@@ -36,9 +36,13 @@ def test_quick_bench_runs_every_case_and_writes_the_report(tiny_model, text_clie
     rounds = result["overhead"]["rounds"]
     assert [r["round"] for r in rounds] == [0, 1]
     assert all(0 < r["compute_s"] < r["wall_s"] for r in rounds)
+    ttq = result["time_to_quality"]
+    assert [len(c["points"]) for c in ttq["curves"]] == [3, 3]  # start, after 1 and 2 steps
+    assert ttq["ours_s"] is not None and ttq["ours_s"] > 0  # the bar is its own final ppl
+    assert ttq["curves"][0]["targets"] == "q_proj,v_proj"
     text = out.read_text()
     for heading in ("## Targets", "## Training step", "## DP overhead", "## Bytes a client",
-                    "## Federation overhead", "Quick mode"):
+                    "## Federation overhead", "## Time to quality", "Quick mode"):
         assert heading in text
     assert text.count("| met |") + text.count("**not met**") == len(TARGETS)
     assert "fedslm bench --quick" in text

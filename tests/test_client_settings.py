@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from client.settings import ClientSettings
+from client.settings import ClientSettings, micro_batch
 from contracts.config import DEFAULTS, ConfigError, validate
 
 
@@ -14,7 +14,10 @@ def test_defaults_are_the_schema_defaults():
     assert (s.run_id, s.round) == ("r1", 2)
     assert s.update_encoding == DEFAULTS["update-encoding"] == "int8-delta"
     assert s.max_eval_seqs == DEFAULTS["max-eval-seqs"]
-    assert s.micro_batch == DEFAULTS["micro-batch-tokens"] // DEFAULTS["seq-len"]
+    assert s.micro_batch_tokens == DEFAULTS["micro-batch-tokens"] == "auto"
+    assert micro_batch(s.micro_batch_tokens, 64, "float32") == 1  # 64 tokens without bf16
+    assert micro_batch(s.micro_batch_tokens, 64, "bfloat16") == 8
+    assert micro_batch(0, 64, "float32") == 0 and micro_batch(100, 64) == 1
     assert s.noise_multiplier is None and s.budget_epsilon is None
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -187,7 +189,10 @@ def test_a_killed_supernode_does_not_stop_the_run(deployment, tmp_path):
     while len(_ledger(deployment, "node-2")) == before:  # round 1's spend is recorded...
         assert time.monotonic() < deadline and run.poll() is None
         time.sleep(0.2)
+    node_processes = _descendants(deployment, "node-2")
     deployment.kill("node-2")  # ...and the device dies while it trains
+    _, alive = psutil.wait_procs(node_processes, timeout=15)
+    assert not alive  # its worker and flower-supernode died with `fedslm supernode`
     output, _ = run.communicate(timeout=400)
     assert deployment.last_status() == "finished:completed", output[-3000:]
 
@@ -210,6 +215,57 @@ def test_a_killed_supernode_does_not_stop_the_run(deployment, tmp_path):
     assert entries[-1].epsilon > entries[-2].epsilon  # cumulative over all its runs
     audit = subprocess.run([*FEDSLM, "audit", str(ledger)], capture_output=True, text=True)
     assert audit.returncode == 0, audit.stdout
+
+
+LOADED = "fedslm worker: model loaded (load #"
+SERVED = re.compile(r"fedslm worker: (train|evaluate) request #\d+: ok")
+
+
+def _descendants(deployment: Deployment, name: str) -> list[psutil.Process]:
+    return psutil.Process(deployment.procs[name].pid).children(recursive=True)
+
+
+def _worker(deployment: Deployment, name: str) -> psutil.Process:
+    return next(p for p in _descendants(deployment, name)
+                if "client.worker" in p.cmdline())
+
+
+def test_a_node_loads_its_model_once_per_run(deployment, tmp_path):
+    """The node's worker keeps the model between a run's messages and loads it again only
+    for a run that changes it; stopping `fedslm supernode` stops everything it started."""
+    names = ("node-1", "node-2")
+    workers = {name: _worker(deployment, name).pid for name in names}
+    assert all(stat.S_IMODE((deployment.state(n) / f).stat().st_mode) == 0o600
+               for n in names for f in ("worker.sock", "worker.key"))
+    offsets = {name: len(deployment.log(name)) for name in names}
+    out = deployment.flwr(*deployment.run_args(tmp_path / "a", **{"lora-r": 3}), timeout=400)
+    assert deployment.last_status() == "finished:completed", out.stdout[-3000:]
+    assert [x["round"] for x in read_metrics(next((tmp_path / "a").iterdir()))] == [0, 1, 2]
+    for name in names:
+        run_log = deployment.log(name)[offsets[name]:]
+        assert run_log.count(LOADED) == 1, run_log  # once for the whole run...
+        assert len(SERVED.findall(run_log)) >= 5, run_log  # ...of 5 messages
+        assert "Traceback" not in run_log
+        offsets[name] += len(run_log)
+
+    again = deployment.flwr(*deployment.run_args(tmp_path / "b", **{
+        "lora-r": 3, "lora-targets": "q_proj,k_proj,v_proj", "num-server-rounds": 1}),
+        timeout=400)
+    assert deployment.last_status() == "finished:completed", again.stdout[-3000:]
+    for name in names:
+        run_log = deployment.log(name)[offsets[name]:]
+        assert run_log.count(LOADED) == 1, run_log  # another model: loaded again, once
+        assert len(SERVED.findall(run_log)) >= 3, run_log
+        assert _worker(deployment, name).pid == workers[name]  # the same worker throughout
+
+    processes = _descendants(deployment, "node-1")
+    deployment.kill("node-1", signal.SIGTERM)
+    _, alive = psutil.wait_procs(processes, timeout=15)
+    assert not alive and not psutil.pid_exists(workers["node-1"])
+    assert not (deployment.state("node-1") / "worker.sock").exists()
+    assert not (deployment.state("node-1") / "worker.key").exists()
+    deployment.start_node("node-1", 0)  # the fixture as it was
+    deployment.wait_online(2)
 
 
 def test_insecure_is_loud_and_tls_needs_certificates(tmp_path):

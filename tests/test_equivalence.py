@@ -60,7 +60,9 @@ def test_a_reproducible_federation_matches_the_reference(case, tiny_model, text_
     args = ["simulate", *CASES[case], "--clients", "2", "--rounds", "2", "--local-steps", "3",
             "--out", str(tmp_path / "runs"), "--set", f"model={tiny_model}",
             "--set", f"data={text_clients}", "--set", "seq-len=32", "--set", "batch-size=4",
-            "--set", "max-eval-seqs=8", "--set", "reproducible=true", "--set", "seed=3"]
+            "--set", "max-eval-seqs=8", "--set", "reproducible=true", "--set", "seed=3",
+            # the recipe of the reference, not today's demo defaults
+            "--set", "lora-targets=q_proj,v_proj", "--set", "micro-batch-tokens=512"]
     env = {**os.environ, "FEDSLM_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-m", "fedslm.cli", *args], capture_output=True,
                          text=True, env=env, timeout=300)

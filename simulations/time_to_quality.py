@@ -1,0 +1,261 @@
+"""Time to quality: a client's training wall time to reach a held-out perplexity under DP
+at the same ε, fedslm's recipe against the textbook Opacus + PEFT path, side by side.
+
+Both paths train one client of the embedded data (its own train / held-out split, as the
+client makes it) from the same base and seed, each with σ from the RDP accountant for its
+own (q, steps) at the same target ε and δ, and are evaluated on the same held-out
+sequences every `eval_every` steps. They run in one process, alternating a segment of
+`eval_every` steps of one with a segment of the other, so that the machine's drift falls
+on both. Only training is timed; evaluation is not.
+
+- **textbook**: what the Opacus and PEFT docs lead to: an fp32 base, LoRA on q_proj and
+  v_proj of every layer, `opacus.PrivacyEngine.make_private` with Poisson sampling, the
+  Hugging Face loss (`model(..., labels=...).loss`, full logits), AdamW.
+- **fedslm**: the client's own path with the demo's recipe (simulations/default.toml):
+  the `auto` base, its LoRA targets and layers, chunked loss, micro-batches, its steps and
+  learning rate (client/trainer.py).
+
+The quality bar is fedslm's final held-out perplexity (or `target_ppl`); each path's time
+to quality is its training time up to the first evaluation at or below the bar.
+"""
+
+from __future__ import annotations
+
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TOML = Path(__file__).with_name("default.toml")
+
+
+@dataclass
+class Recipe:
+    name: str
+    targets: list[str]
+    layers: int  # 0 = every layer
+    lr: float
+    steps: int
+    batch: int
+    textbook: bool  # Opacus' PrivacyEngine + the HF loss on an fp32 base
+
+
+@dataclass
+class Curve:
+    recipe: Recipe
+    sigma: float
+    points: list[tuple[int, float, float]] = field(default_factory=list)  # step, s, ppl
+
+    def time_to(self, ppl: float) -> float | None:
+        """Training seconds up to the first evaluation after training at or below `ppl`."""
+        return next((s for step, s, p in self.points if step > 0 and p <= ppl), None)
+
+
+def recipes(steps_textbook: int = 30, steps: int = 0) -> tuple[Recipe, Recipe]:
+    """(textbook, fedslm): fedslm's from the demo's scenario (`steps` > 0 overrides its
+    steps); the textbook one with the previous demo's settings (q_proj,v_proj, 10 steps x
+    3 rounds, lr 0.01)."""
+    demo = tomllib.loads(DEFAULT_TOML.read_text())
+    steps = steps or demo["local-steps"] * demo["num-server-rounds"]
+    ours = Recipe("fedslm (demo recipe)", demo["lora-targets"].split(","),
+                  demo.get("lora-layers", 0), demo["lr"], steps, demo["batch-size"], False)
+    textbook = Recipe("textbook Opacus + PEFT", ["q_proj", "v_proj"], 0, 0.01, steps_textbook,
+                      demo["batch-size"], True)
+    return textbook, ours
+
+
+class _Path:
+    """One recipe's model, optimizer and draws, advanced a segment at a time."""
+
+    def __init__(self, recipe: Recipe, train: Any, heldout: Any, source: str, epsilon: float,
+                 delta: float, threads: int) -> None:
+        import torch
+        from opacus.accountants.utils import get_noise_multiplier
+
+        from client import base_model
+        from client.adapter import attach_lora
+        from client.dp_plan import sample_rate
+
+        self.recipe, self.train, self.heldout = recipe, train, heldout
+        device = torch.device("cpu")
+        quant = (base_model.Quantization("none", "float32", "textbook") if recipe.textbook
+                 else base_model.choose_quantization("auto", device,
+                                                     base_model.count_params(source)))
+        base, _ = base_model.load_base(source, quant, device)
+        self.model = attach_lora(base, 8, 16.0, 0.0, recipe.targets, 0, recipe.layers)
+        self.q = sample_rate(len(train), recipe.batch)
+        self.sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                          sample_rate=self.q, steps=recipe.steps,
+                                          accountant="rdp")
+        self.curve = Curve(recipe, self.sigma)
+        self.done, self.seconds = 0, 0.0
+        torch.set_num_threads(threads)
+        self._start(recipe, torch)
+
+    def _start(self, recipe: Recipe, torch: Any) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+        if recipe.textbook:
+            from opacus import PrivacyEngine
+            from torch.utils.data import DataLoader, TensorDataset
+
+            loader = DataLoader(TensorDataset(self.train.input_ids, self.train.attention_mask,
+                                              self.train.labels), batch_size=recipe.batch)
+            self.engine = PrivacyEngine(accountant="rdp")
+            self.forward, self.optimizer, loader = self.engine.make_private(
+                module=self.model, optimizer=optimizer, data_loader=loader,
+                noise_multiplier=self.sigma, max_grad_norm=1.0, poisson_sampling=True)
+            self.batches = _forever(loader)
+        else:
+            from client.trainer import make_private
+
+            self.forward, self.optimizer = make_private(
+                self.model, optimizer, noise_multiplier=self.sigma, clip_norm=1.0,
+                expected_batch=recipe.batch, noise=torch.Generator().manual_seed(1))
+            self.sampling = torch.Generator().manual_seed(2)
+
+    def advance(self, steps: int) -> None:
+        import warnings
+
+        import torch
+
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        self.model.train()
+        start = time.perf_counter()
+        for _ in range(min(steps, self.recipe.steps - self.done)):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.recipe.textbook:
+                ids, mask, labels = next(self.batches)
+                if len(ids):
+                    self.forward(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            else:
+                self._our_step(torch)
+            self.optimizer.step()
+            self.done += 1
+        self.seconds += time.perf_counter() - start
+
+    def _our_step(self, torch: Any) -> None:
+        from client.settings import micro_batch
+        from client.trainer import backward
+
+        index = (torch.rand(len(self.train), generator=self.sampling) < self.q).nonzero()[:, 0]
+        if len(index) == 0:
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            return
+        backward(self.forward, self.optimizer, self.train.select(index),
+                 batch_size=self.recipe.batch, private=True,
+                 micro_batch=micro_batch(512, self.train.input_ids.shape[1]))
+
+    def evaluate(self) -> float:
+        from client.evaluation import evaluate, perplexity
+
+        ppl = perplexity(evaluate(self.model, self.heldout).loss)
+        self.curve.points.append((self.done, self.seconds, ppl))
+        return ppl
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.recipe.steps
+
+
+def _forever(loader: Any):
+    while True:
+        yield from loader
+
+
+def measure(model: str = "embedded", data: str = "embedded", partition: int = 0,
+            epsilon: float = 8.0, delta: float = 1e-5, eval_every: int = 3, threads: int = 2,
+            target_ppl: float = 0.0, quick: bool = False,
+            echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Both curves and the time each path needs to reach the bar (`quick`: two steps each,
+    to check that it runs)."""
+    import torch
+
+    from client import base_model, cache
+    from client.settings import ClientSettings
+    from contracts.config import DEFAULTS
+
+    torch.manual_seed(0)
+    settings = ClientSettings.from_records(
+        {**DEFAULTS, "model": model, "data": data, "server-round": 0},
+        {"partition-id": partition})
+    source = base_model.prepare_base(settings.model)
+    _, tokenizer = base_model.load_base(source, base_model.Quantization(
+        "none", "float32", "tokenizer"), torch.device("cpu"))
+    client, train, heldout = cache.load_data(settings, tokenizer)
+    paths = [_Path(r, train, heldout, source, epsilon, delta, threads)
+             for r in (recipes(2, 2) if quick else recipes())]
+    eval_every = 1 if quick else eval_every
+    for p in paths:
+        echo(f"time-to-quality: {p.recipe.name}: q={p.q:.4f}, sigma={p.sigma:.3f}, "
+             f"{p.recipe.steps} steps at ε={epsilon:g}: start ppl {p.evaluate():.1f}")
+    while not all(p.finished for p in paths):
+        for p in paths:
+            if not p.finished:
+                p.advance(eval_every)
+                echo(f"time-to-quality: {p.recipe.name}: step {p.done}/{p.recipe.steps}, "
+                     f"{p.seconds:.0f}s, ppl {p.evaluate():.1f}")
+    textbook, ours = (p.curve for p in paths)
+    bar = target_ppl or ours.points[-1][2]
+    t_textbook, t_ours = textbook.time_to(bar), ours.time_to(bar)
+    return {"client": client, "train": len(train), "heldout": len(heldout),
+            "epsilon": epsilon, "delta": delta, "threads": threads, "bar": bar,
+            "curves": [_as_dict(c) for c in (textbook, ours)],
+            "textbook_s": t_textbook, "ours_s": t_ours,
+            "speedup": (t_textbook / t_ours if t_textbook and t_ours else None),
+            "speedup_at_least": (textbook.points[-1][1] / t_ours
+                                 if t_textbook is None and t_ours else None)}
+
+
+def _as_dict(c: Curve) -> dict[str, Any]:
+    r = c.recipe
+    return {"name": r.name, "targets": ",".join(r.targets), "layers": r.layers, "lr": r.lr,
+            "steps": r.steps, "batch": r.batch, "sigma": c.sigma,
+            "points": [{"step": s, "seconds": t, "ppl": p} for s, t, p in c.points]}
+
+
+def render(result: dict[str, Any]) -> list[str]:
+    r = result
+    rows = ["## Time to quality (DP, same ε)", "",
+            f"Client `{r['client']}` ({r['train']} train / {r['heldout']} held-out sequences), "
+            f"ε = {r['epsilon']:g}, δ = {r['delta']:g}, {r['threads']} threads; both paths in "
+            "one process, alternating segments; training seconds only (evaluation untimed). "
+            f"Quality bar: held-out perplexity {r['bar']:.1f} (fedslm's final).", "",
+            "| path | LoRA targets | layers | lr | steps | σ | time to the bar | "
+            "final ppl | s/step |", "|---|---|---|---|---|---|---|---|---|"]
+    for c, t in zip(r["curves"], (r["textbook_s"], r["ours_s"]), strict=True):
+        last = c["points"][-1]
+        reached = f"{t:.0f} s" if t is not None else f"not reached in {last['seconds']:.0f} s"
+        rows.append(f"| {c['name']} | {c['targets']} | {c['layers'] or 'all'} | {c['lr']:g} | "
+                    f"{c['steps']} | {c['sigma']:.3f} | {reached} | {last['ppl']:.1f} | "
+                    f"{last['seconds'] / max(1, last['step']):.2f} |")
+    if r["speedup"] is not None:
+        verdict = f"**{r['speedup']:.2f}x**"
+    elif r["speedup_at_least"] is not None:
+        verdict = f"**more than {r['speedup_at_least']:.2f}x** (the textbook path never got there)"
+    else:
+        verdict = "n/a"
+    rows += ["", f"Time-to-quality speed-up, fedslm vs textbook: {verdict} (target >= 2x).",
+             "", "Perplexity after each segment (step: ppl):", ""]
+    for c in r["curves"]:
+        rows.append(f"- {c['name']}: " + ", ".join(
+            f"{p['step']}: {p['ppl']:.1f}" for p in c["points"]))
+    return rows
+
+
+def main() -> None:  # python -m simulations.time_to_quality
+    import json
+    import sys
+
+    result = measure()
+    print("\n".join(render(result)))
+    if len(sys.argv) > 1:
+        Path(sys.argv[1]).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
