@@ -278,18 +278,28 @@ def _quantization_kwargs(quantization: Quantization, device: torch.device) -> di
 
 def load_base(source: str, quantization: Quantization, device: torch.device) -> tuple[Any, Any]:
     """The frozen base model and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, **_quantization_kwargs(quantization, device))
-        tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise ModelError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}") from exc
     if quantization.mode == "none":
         model.to(device)
     model.requires_grad_(False)
     model.config.use_cache = False
+    return model, load_tokenizer(source)
+
+
+def load_tokenizer(source: str) -> Any:
+    """The model's tokenizer, with a pad token (its EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        raise ModelError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer

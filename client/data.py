@@ -81,10 +81,6 @@ class Examples:
         return Examples(self.input_ids.to(device), self.attention_mask.to(device),
                         self.labels.to(device), prefix, self.prefix_layer)
 
-    def nbytes(self) -> int:
-        tensors = (self.input_ids, self.attention_mask, self.labels, self.prefix)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
     def fingerprint(self) -> str:
         digest = hashlib.sha256(self.input_ids.cpu().numpy().tobytes())
         digest.update(self.labels.cpu().numpy().tobytes())

@@ -17,14 +17,11 @@ every layer (SUPPORTED); others train the whole model as before.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-
-log = logging.getLogger("fedslm")
 
 # Decoders whose forward takes inputs_embeds verbatim (Gemma scales them) and whose
 # layers all share one attention mask (checked again on the config's layer_types).

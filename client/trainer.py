@@ -139,6 +139,18 @@ def train(
                        time.perf_counter() - start)
 
 
+def poisson_draw(num_examples: int, q: float, sampling: torch.Generator) -> torch.Tensor:
+    """The indices of one step's Poisson draw: each example independently with chance q."""
+    return (torch.rand(num_examples, generator=sampling) < q).nonzero().squeeze(1)
+
+
+def noise_only(params: list[torch.nn.Parameter]) -> None:
+    """An empty draw under DP: empty per-sample gradients, so that the optimizer's step
+    still adds the noise (the accounting charged this step)."""
+    for p in params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+
 @dataclass
 class _Tally:
     drawn: int = 0
@@ -153,7 +165,7 @@ def _steps(forward: Any, optimizer: torch.optim.Optimizer, params: list[torch.nn
            chunked_loss: bool) -> _Tally:
     tally = _Tally()
     for step in range(1, plan.steps + 1):
-        index = (torch.rand(len(data), generator=sampling) < plan.sample_rate).nonzero().squeeze(1)
+        index = poisson_draw(len(data), plan.sample_rate, sampling)
         tally.drawn += 1
         optimizer.zero_grad(set_to_none=True)
         if len(index) == 0:
@@ -162,8 +174,7 @@ def _steps(forward: Any, optimizer: torch.optim.Optimizer, params: list[torch.nn
                 if progress:
                     progress(step, math.nan)
                 continue  # nothing to learn from, and no noise to add
-            for p in params:  # a noise-only step keeps the accounting honest
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            noise_only(params)
         else:
             per_seq = backward(forward, optimizer, data.select(index),
                                batch_size=plan.expected_batch, private=plan.private,

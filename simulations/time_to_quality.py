@@ -83,6 +83,7 @@ class _Path:
         quant = (base_model.Quantization("none", "float32", "textbook") if recipe.textbook
                  else base_model.choose_quantization("auto", device,
                                                      base_model.count_params(source)))
+        self.dtype = quant.dtype  # the client's `micro-batch-tokens = auto` follows it
         base, _ = base_model.load_base(source, quant, device)
         self.model = attach_lora(base, 8, 16.0, 0.0, recipe.targets, 0, recipe.layers)
         self.q = sample_rate(len(train), recipe.batch)
@@ -119,7 +120,6 @@ class _Path:
     def advance(self, steps: int) -> None:
         import warnings
 
-        import torch
 
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         self.model.train()
@@ -131,24 +131,22 @@ class _Path:
                 if len(ids):
                     self.forward(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
             else:
-                self._our_step(torch)
+                self._our_step()
             self.optimizer.step()
             self.done += 1
         self.seconds += time.perf_counter() - start
 
-    def _our_step(self, torch: Any) -> None:
+    def _our_step(self) -> None:
         from client.settings import micro_batch
-        from client.trainer import backward
+        from client.trainer import backward, noise_only, poisson_draw
 
-        index = (torch.rand(len(self.train), generator=self.sampling) < self.q).nonzero()[:, 0]
+        index = poisson_draw(len(self.train), self.q, self.sampling)
         if len(index) == 0:
-            for p in self.model.parameters():
-                if p.requires_grad:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            noise_only([p for p in self.model.parameters() if p.requires_grad])
             return
         backward(self.forward, self.optimizer, self.train.select(index),
                  batch_size=self.recipe.batch, private=True,
-                 micro_batch=micro_batch(512, self.train.input_ids.shape[1]))
+                 micro_batch=micro_batch("auto", self.train.input_ids.shape[1], self.dtype))
 
     def evaluate(self) -> float:
         from client.evaluation import evaluate, perplexity
@@ -184,8 +182,7 @@ def measure(model: str = "embedded", data: str = "embedded", partition: int = 0,
         {**DEFAULTS, "model": model, "data": data, "server-round": 0},
         {"partition-id": partition})
     source = base_model.prepare_base(settings.model)
-    _, tokenizer = base_model.load_base(source, base_model.Quantization(
-        "none", "float32", "tokenizer"), torch.device("cpu"))
+    tokenizer = base_model.load_tokenizer(source)
     client, train, heldout = cache.load_data(settings, tokenizer)
     paths = [_Path(r, train, heldout, source, epsilon, delta, threads)
              for r in (recipes(2, 2) if quick else recipes())]
