@@ -17,8 +17,6 @@ import os
 import warnings
 
 from flwr.app import (
-    Array,
-    ArrayRecord,
     ConfigRecord,
     Context,
     Error,
@@ -31,6 +29,7 @@ from flwr.clientapp import ClientApp
 from client import worker as worker_mod
 from contracts.adapter import Arrays
 from contracts.environment import SIMULATION
+from contracts.transport import from_record, to_record
 from contracts.wire import ARRAYS, CONFIG, INFO, METRICS
 
 # Library chatter that says nothing to a user of the ClientApp's process.
@@ -57,8 +56,7 @@ app = ClientApp()
 
 
 def _arrays(msg: Message) -> Arrays:
-    record = msg.content.array_records.get(ARRAYS)
-    return {k: v.numpy() for k, v in record.items()} if record else {}
+    return from_record(msg.content.array_records.get(ARRAYS))
 
 
 def _worker(context: Context) -> str:
@@ -93,7 +91,7 @@ def train(msg: Message, context: Context) -> Message:
             return _dropped(msg, worker_mod.dropout_reason(settings.dropout_rate))
         arrays, metrics, info = train_round(settings, _arrays(msg))
     content = RecordDict({
-        ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        ARRAYS: to_record(arrays),
         METRICS: MetricRecord(metrics),
         INFO: ConfigRecord(info),
     })
@@ -113,5 +111,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         initial, metrics, info = evaluate_round(settings, _arrays(msg))
     content = RecordDict({METRICS: MetricRecord(metrics), INFO: ConfigRecord(info)})
     if initial:  # round 0: the seeded, data-independent initial adapter
-        content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in initial.items()})
+        content[ARRAYS] = to_record(initial)
     return Message(content=content, reply_to=msg)

@@ -14,9 +14,8 @@ from flwr.serverapp import Grid, ServerApp
 from contracts.config import resolve
 from contracts.rundir import new_run_dir
 from server.engine import FederationError, TooFewUpdates, run_federation
-from server.replies import payload_bytes
 
-__all__ = ["FederationError", "TooFewUpdates", "app", "make_server_app", "payload_bytes"]
+__all__ = ["FederationError", "TooFewUpdates", "app", "make_server_app"]
 
 
 def make_server_app(config: dict[str, Any], run_dir: Path,

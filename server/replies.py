@@ -1,20 +1,25 @@
-"""The messages of a round: adapters as ArrayRecords, a client's reply as the engine
-reads it, and one exchange of messages with the nodes."""
+"""The messages of a round: adapters as ArrayRecords (contracts/transport.py), a client's
+reply as the engine reads it, and one exchange of messages with the nodes."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 from contracts.adapter import Arrays
-from contracts.wire import ARRAYS, CLIENT, INFO, METRICS
+from contracts.transport import TransportError, from_record, payload_bytes, to_record
+from contracts.wire import ARRAYS, CLIENT, CODEC_ERROR, INFO, METRICS
 
+__all__ = ["Reply", "as_update", "bytes_down", "exchange", "from_record", "payload_bytes",
+           "read_reply", "to_record"]
 log = logging.getLogger("fedslm")
+POLL_SECONDS = 0.5  # between pulls of the replies
 
 
 @dataclass(eq=False)  # identity: replies hold numpy arrays
@@ -28,18 +33,6 @@ class Reply:
     message: Message | None = None  # what the client sent
 
 
-def to_record(arrays: Arrays) -> ArrayRecord:
-    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
-
-
-def from_record(record: ArrayRecord) -> Arrays:
-    return {k: v.numpy() for k, v in record.items()}
-
-
-def payload_bytes(record: ArrayRecord) -> int:
-    return sum(len(array.data) for array in record.values())
-
-
 def bytes_down(messages: Sequence[Message]) -> int:
     """The adapter bytes the messages carry to the nodes."""
     return sum(payload_bytes(m.content.array_records[ARRAYS]) for m in messages
@@ -48,14 +41,19 @@ def bytes_down(messages: Sequence[Message]) -> int:
 
 def read_reply(message: Message) -> Reply:
     content = message.content
-    arrays = content.array_records.get(ARRAYS)
+    record = content.array_records.get(ARRAYS)
+    info = dict(content[INFO])
+    try:
+        arrays = from_record(record)
+    except TransportError as exc:  # rejected by validation, like an update that won't decode
+        arrays, info[CODEC_ERROR] = {}, str(exc)
     return Reply(
         node=message.metadata.src_node_id,
-        client=str(content[INFO][CLIENT]),
+        client=str(info[CLIENT]),
         metrics=dict(content[METRICS]),
-        info=dict(content[INFO]),
-        arrays=from_record(arrays) if arrays else {},
-        bytes_up=payload_bytes(arrays) if arrays else 0,
+        info=info,
+        arrays=arrays,
+        bytes_up=payload_bytes(record) if record else 0,
         message=message,
     )
 
@@ -68,6 +66,23 @@ def as_update(reply: Reply) -> Message:
     return reply.message
 
 
+def send_and_receive(grid: Grid, messages: Sequence[Message], timeout: float) -> list[Message]:
+    """Grid.send_and_receive with a short poll: Flower's gRPC grid sleeps 3 s between
+    pulls, on average 1.5 s lost per exchange, two exchanges a round (docs/speed.md)."""
+    waiting = set(grid.push_messages(messages))
+    every = min(POLL_SECONDS, getattr(grid, "pull_interval", POLL_SECONDS))
+    deadline = time.monotonic() + timeout
+    out: list[Message] = []
+    while waiting:
+        got = list(grid.pull_messages(waiting))
+        out += got
+        waiting -= {m.metadata.reply_to_message_id for m in got}
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(every)
+    return out
+
+
 def exchange(grid: Grid, messages: Sequence[Message], rnd: int,
              timeout: float) -> tuple[list[Reply], list[dict[str, Any]]]:
     """Send the messages and wait for the replies: (replies, failures), a failure being
@@ -76,7 +91,7 @@ def exchange(grid: Grid, messages: Sequence[Message], rnd: int,
         return [], []
     kind = messages[0].metadata.message_type
     replies, failures, answered = [], [], set()
-    for msg in grid.send_and_receive(messages, timeout=timeout):
+    for msg in send_and_receive(grid, messages, timeout):
         answered.add(msg.metadata.src_node_id)
         if msg.has_error():
             failures.append({"node": msg.metadata.src_node_id, "reason": msg.error.reason})

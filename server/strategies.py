@@ -197,7 +197,7 @@ class AdapterStrategy(Strategy):
     def _messages(self, kind: str, rnd: int, nodes: list[int], arrays: ArrayRecord,
                   config: ConfigRecord) -> list[Message]:
         self.current = from_record(arrays)
-        record = ArrayRecord({k: arrays[k] for k in sent_part(self.current, self.name)})
+        record = to_record(sent_part(self.current, self.name))
         config = ConfigRecord({**dict(config), SERVER_ROUND: rnd})
         return [Message(RecordDict({ARRAYS: record, CONFIG: config}), dst_node_id=node,
                         message_type=kind, group_id=str(rnd)) for node in nodes]

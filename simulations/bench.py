@@ -126,12 +126,11 @@ def update_sizes(cfg: BenchConfig) -> list[dict[str, Any]]:
     of the model's adapter (sizes do not depend on the values)."""
     import numpy as np
     import torch
-    from flwr.app import Array, ArrayRecord
 
     from client import adapter as adapter_mod
     from client import base_model as model_mod
     from contracts import codec
-    from server.app import payload_bytes
+    from contracts.transport import payload_bytes, to_record
 
     source = model_mod.prepare_base(cfg.model)
     base, _ = model_mod.load_base(source, model_mod.Quantization("none", "float32", "bench"),
@@ -148,7 +147,7 @@ def update_sizes(cfg: BenchConfig) -> list[dict[str, Any]]:
         trained = {k: v + np.float32(1e-3) for k, v in adapter.items()}
         for encoding in codec.ENCODINGS:
             record = codec.pack(*codec.encode(trained, adapter, encoding))
-            sent = payload_bytes(ArrayRecord({k: Array(v) for k, v in record.items()}))
+            sent = payload_bytes(to_record(record))
             rows.append({"strategy": strategy + (f" (rank {rank})" if strategy == "hetlora"
                                                  else ""), "encoding": encoding, "bytes": sent,
                          "values": sum(v.size for v in adapter.values()),

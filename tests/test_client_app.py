@@ -9,6 +9,7 @@ from client.app import evaluate, train
 from client.cache import Session
 from client.rounds import evaluate_round, train_round
 from contracts.config import DEFAULTS
+from contracts.transport import from_record
 from tests.helpers import client_settings
 
 INFO_KEYS = {"client", "status", "energy-method", "quantization", "quantization-reason",
@@ -38,7 +39,7 @@ def test_replies_carry_only_the_adapter_and_scalars(tiny_model, text_clients, tm
     reply = train(_message(MessageType.TRAIN, config), context)
     content = reply.content
     assert set(content.keys()) == {"arrays", "metrics", "info"}
-    arrays = {k: v.numpy() for k, v in content["arrays"].items()}
+    arrays = from_record(content["arrays"])
     assert arrays and all(".lora_A." in k or ".lora_B." in k for k in arrays)
     assert all(v.dtype == np.float32 for v in arrays.values())
     assert all(isinstance(v, (int, float)) for v in content["metrics"].values())
@@ -50,7 +51,8 @@ def test_replies_carry_only_the_adapter_and_scalars(tiny_model, text_clients, tm
 
     reply = evaluate(_message(MessageType.EVALUATE, config), context)
     assert set(reply.content.keys()) == {"metrics", "info", "arrays"}  # given none: the init
-    assert all(not v.numpy().any() for k, v in reply.content["arrays"].items() if "lora_B" in k)
+    assert all(not v.any() for k, v in from_record(reply.content["arrays"]).items()
+               if "lora_B" in k)
     assert reply.content["metrics"]["epsilon"] > 0  # read back from the ledger
     Session.forget()
 
@@ -61,9 +63,9 @@ def test_a_trained_reply_is_an_int8_change_with_its_scales(tiny_model, text_clie
     initial = evaluate(_message(MessageType.EVALUATE, config), context).content["arrays"]
     message = _message(MessageType.TRAIN, config)
     message.content["arrays"] = initial
-    arrays = {k: v.numpy() for k, v in train(message, context).content["arrays"].items()}
+    arrays = from_record(train(message, context).content["arrays"])
     values = {k for k in arrays if not k.endswith("#scale")}
-    assert values == set(initial.keys())
+    assert values == set(from_record(initial))
     assert all(arrays[k].dtype == np.int8 for k in values)
     assert all(arrays[k + "#scale"].dtype == np.float32 for k in values)
     Session.forget()

@@ -95,9 +95,9 @@ def echo(line):
 
 if mode == "poison":
     import numpy as np
-    from flwr.app import Array, ArrayRecord
     from flwr.clientapp import ClientApp
     from client.app import evaluate, train
+    from contracts.transport import from_record, to_record
 
     client_app = ClientApp()
 
@@ -105,14 +105,14 @@ if mode == "poison":
     def poisoned(msg, context):
         reply = train(msg, context)
         part = int(context.node_config["partition-id"])
-        arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+        arrays = from_record(reply.content["arrays"])
         # int8-delta updates (the default) carry float scales: poison those
         floats = [k for k in sorted(arrays) if k.endswith("#scale")] or sorted(arrays)
         if part == 1:
             arrays[floats[0]] = np.full_like(arrays[floats[0]], np.nan)
         if part == 2:
             arrays = {k: v * 1e4 if k in floats else v for k, v in arrays.items()}
-        reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        reply.content["arrays"] = to_record(arrays)
         return reply
 
     client_app.evaluate()(evaluate)

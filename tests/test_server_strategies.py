@@ -21,6 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from contracts import adapter, wire
 from contracts.rundir import SERVER_CLIENT
+from contracts.transport import TransportError
 from privacy.accountant import epsilon
 from privacy.ledger import Ledger
 from server import central_dp
@@ -40,17 +41,28 @@ def adapter_of(a: list, b: list) -> dict[str, np.ndarray]:
 class FakeGrid:
     """Nodes whose replies come from `client` (None: the node does not answer)."""
 
+    pull_interval = 0.01
+
     def __init__(self, nodes: list[int], client: Client | None = None) -> None:
-        self.nodes, self.client, self.sent = nodes, client, []
+        self.nodes, self.client, self.sent, self.replies = nodes, client, [], []
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
 
-    def send_and_receive(self, messages: Iterable[Message],
-                         timeout: float | None = None) -> list[Message]:
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
         messages = list(messages)
         self.sent.append(messages)
-        return [r for m in messages if (r := self.client(m)) is not None]
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id  # as a real grid does on push
+            if (r := self.client(m)) is not None:
+                self.replies.append(r)
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        ids = set(message_ids)
+        out = [r for r in self.replies if r.metadata.reply_to_message_id in ids]
+        self.replies = [r for r in self.replies if r not in out]
+        return out
 
 
 @pytest.fixture(autouse=True)
@@ -248,6 +260,21 @@ def test_the_wrapper_delegates_what_it_does_not_change(tmp_path):
 
 
 def test_to_record_and_back_is_exact():
-    arrays = {"x": np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)}
-    back = from_record(ArrayRecord({k: Array(v) for k, v in arrays.items()}))
-    assert back["x"].dtype == np.float32 and np.array_equal(back["x"], arrays["x"])
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.normal(size=(3, 5)).astype(np.float32),
+              "y": rng.integers(-127, 127, size=(4, 2)).astype(np.int8),
+              "y#scale": np.ones(4, np.float32)}
+    record = to_record(arrays)
+    assert list(record) == ["safetensors"]  # one object per message for the SuperLink
+    back = from_record(record)
+    assert set(back) == set(arrays)
+    assert all(back[k].dtype == v.dtype and np.array_equal(back[k], v) for k, v in arrays.items())
+    per_tensor = from_record(ArrayRecord({k: Array(v) for k, v in arrays.items()}))
+    assert all(np.array_equal(per_tensor[k], v) for k, v in arrays.items())
+    assert to_record({}) == ArrayRecord() and from_record(None) == {}
+
+
+def test_a_garbled_packed_record_is_a_clear_error():
+    record = ArrayRecord({"safetensors": Array(np.arange(40, dtype=np.uint8))})
+    with pytest.raises(TransportError, match="packed adapter record is unreadable"):
+        from_record(record)
