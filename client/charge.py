@@ -14,17 +14,16 @@ from pathlib import Path
 from client.dp_plan import DPPlan, sample_rate
 from client.settings import LOCAL_RUN, ClientSettings
 from contracts.rundir import ledger_path
-from privacy.accountant import epsilon
+from privacy.accountant import CHARGED, epsilon
 from privacy.budget import Budget, RoundPlan, plan_round
 from privacy.ledger import Entry, Ledger
 
-ACCOUNTANT = "rdp"
-
 
 def charge_round(*, s: ClientSettings, client: str, num_examples: int,
-                 dataset: str) -> tuple[RoundPlan, DPPlan]:
-    """(the budget's verdict with ε before and after, the DP plan to train). Unless the
-    verdict refuses the round, the plan is in the ledger when this returns."""
+                 dataset: str) -> tuple[RoundPlan, DPPlan, str]:
+    """(the budget's verdict with ε before and after, the DP plan to train, the ledger's
+    id). Unless the verdict refuses the round, the plan is in the ledger when this
+    returns. ε is accounted under the replace-one relation (privacy/accountant.py)."""
     q = sample_rate(num_examples, s.batch_size)
     with Ledger(ledger_path(s.resolved_state_dir(client))) as ledger:
         entries = ledger.entries()
@@ -44,7 +43,8 @@ def charge_round(*, s: ClientSettings, client: str, num_examples: int,
         if not verdict.refused:
             ledger.append(ledger_entry(s=s, client=client, dataset=dataset, plan=plan,
                                        epsilon_after=verdict.epsilon_after))
-    return verdict, plan
+        ledger_id = ledger.ledger_id
+    return verdict, plan, ledger_id
 
 
 def run_noise(*, s: ClientSettings, entries: list[Entry], sample_rate: float) -> float | None:
@@ -79,15 +79,15 @@ def ledger_entry(*, s: ClientSettings, client: str, dataset: str, plan: DPPlan,
     return Entry(
         run_id=s.run_id, round=s.round, client=client, dataset=dataset,
         noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-        steps=plan.steps, delta=s.delta, accountant=ACCOUNTANT, epsilon=epsilon_after,
-        time=datetime.now(UTC).isoformat(timespec="seconds"),
+        steps=plan.steps, delta=s.delta, accountant=CHARGED[0], relation=CHARGED[1],
+        epsilon=epsilon_after, time=datetime.now(UTC).isoformat(timespec="seconds"),
         budget_epsilon=s.budget_epsilon, budget_delta=s.budget_delta,
     )
 
 
-def spent_epsilon(*, path: Path, delta: float) -> float:
-    """The cumulative ε recorded in the ledger at `path` (0 when there is none)."""
+def spent_epsilon(*, path: Path, delta: float) -> tuple[float, str]:
+    """(the cumulative ε of the ledger at `path`, its id); (0, "") when there is none."""
     if not path.is_file():
-        return 0.0
+        return 0.0, ""
     with Ledger(path, create=False) as ledger:
-        return epsilon(ledger.history(), delta, ACCOUNTANT)
+        return epsilon(ledger.history(), delta), ledger.ledger_id

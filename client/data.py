@@ -196,12 +196,15 @@ def _slug(text: str) -> str:
 
 def _rows(part: Partition, tokenizer, seq_len: int) -> list[list[int]]:
     if part.records:
-        rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:seq_len] for t in part.texts]
-    else:
-        ids: list[int] = []
-        for text in part.texts:
-            ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
+        # Every record stays an example, even one too short for a next-token loss (it
+        # adds nothing to the gradient): the number of examples n, public under
+        # replace-one adjacency, must not depend on what a record holds.
+        return [tokenizer(t, add_special_tokens=False)["input_ids"][:seq_len]
+                for t in part.texts]
+    ids: list[int] = []
+    for text in part.texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    rows = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
     return [r for r in rows if len(r) >= 2]  # a next-token loss needs two tokens
 
 
@@ -249,7 +252,7 @@ def _pack(rows: list[list[int]], seq_len: int, pad: int) -> Examples:
     ids = torch.full((len(rows), seq_len), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, : len(row)] = 1
     labels = ids.masked_fill(mask == 0, -100)
     return Examples(ids, mask, labels)

@@ -49,33 +49,37 @@ def train_round(s: ClientSettings, arrays: Arrays) -> Reply:
     A round the budget does not allow returns no arrays and says why in info["status"].
     """
     session = Session.get(s)
-    verdict, plan = charge_round(s=s, client=session.client, num_examples=len(session.train),
-                                 dataset=session.train.fingerprint())
+    verdict, plan, ledger_id = charge_round(s=s, client=session.client,
+                                            num_examples=len(session.train),
+                                            dataset=session.train.fingerprint())
     if verdict.refused:
         log.warning("client %s round %d: not training: %s", session.client, s.round,
                     verdict.refused)
-        return {}, _budget_metrics(s, verdict), _info(session, "", verdict.refused)
+        return {}, _budget_metrics(s, verdict), _info(session, "", ledger_id, verdict.refused)
     _load_global(session, arrays, s)
     with session.energy_meter() as meter:
         result = _train(session, s, plan, verdict)
-    # The training loss and the Poisson batch sizes are functions of the private data
-    # that DP does not cover: they stay in the client's log and never reach the server.
+    # The training loss, the Poisson batch sizes and the timings are functions of the
+    # private data that DP does not cover: they stay in the client's log, and reach the
+    # server only if the data owner set release-stats (contracts/wire.py RELEASES).
     log.info("client %s round %d: %d steps (%d empty), loss %.3f, sigma %.3f, epsilon %.3f, "
-             "%.1fs", session.client, s.round, result.steps, result.empty_steps,
-             result.mean_loss, plan.noise_multiplier, verdict.epsilon_after, result.seconds)
-    metrics = {
+             "%.1fs, %.0f J (%s)", session.client, s.round, result.steps, result.empty_steps,
+             result.mean_loss, plan.noise_multiplier, verdict.epsilon_after, result.seconds,
+             meter.reading.joules, meter.reading.method)
+    metrics = w.released({
         **_budget_metrics(s, verdict),
         w.NUM_EXAMPLES: len(session.train),
         w.NOISE_MULTIPLIER: plan.noise_multiplier,
         w.CLIP_NORM: plan.clip_norm if plan.private else -1.0,
         w.SAMPLE_RATE: plan.sample_rate,
-        w.STEPS: result.steps,
+        w.STEPS: plan.steps,  # trainer.train checked that it ran exactly these
         w.TRAIN_SECONDS: result.seconds,
         w.CPU_SECONDS: meter.reading.cpu_seconds,
         w.ENERGY_J: meter.reading.joules,
         w.PEAK_RSS_MB: peak_rss_mb(),
-    }
-    return _encoded_update(session, s, arrays), metrics, _info(session, meter.reading.method)
+    }, s.release_stats)
+    return (_encoded_update(session, s, arrays), metrics,
+            _info(session, meter.reading.method, ledger_id))
 
 
 def _train(session: Session, s: ClientSettings, plan: DPPlan, verdict: RoundPlan) -> TrainResult:
@@ -148,8 +152,13 @@ def evaluate_round(s: ClientSettings, arrays: Arrays) -> tuple[Arrays, dict, dic
     with session.energy_meter() as meter:
         sums = evaluate(session.model, session.heldout)
     seconds = time.perf_counter() - started
-    eps = spent_epsilon(path=ledger_path(s.resolved_state_dir(session.client)), delta=s.delta)
-    metrics = {
+    eps, ledger_id = spent_epsilon(path=ledger_path(s.resolved_state_dir(session.client)),
+                                   delta=s.delta)
+    if not s.release_stats:
+        log.info("client %s round %d: held-out loss %.4f over %d tokens, %.1fs (kept on this "
+                 "device: release-stats is false)", session.client, s.round,
+                 sums.loss_sum / max(sums.tokens, 1), sums.tokens, seconds)
+    metrics = w.released({
         w.NUM_EXAMPLES: len(session.heldout),
         w.EVAL_LOSS_SUM: sums.loss_sum,
         w.EVAL_TOKENS: sums.tokens,
@@ -159,11 +168,12 @@ def evaluate_round(s: ClientSettings, arrays: Arrays) -> tuple[Arrays, dict, dic
         w.DELTA: s.delta,
         w.ENERGY_J: meter.reading.joules,
         w.PEAK_RSS_MB: peak_rss_mb(),
-    }
-    return initial, metrics, _info(session, meter.reading.method)
+    }, s.release_stats)
+    return initial, metrics, _info(session, meter.reading.method, ledger_id)
 
 
-def _info(session: Session, energy_method: str, refused: str = "") -> dict[str, str]:
+def _info(session: Session, energy_method: str, ledger_id: str,
+          refused: str = "") -> dict[str, str]:
     status = w.status_text(w.Status.REFUSED, refused) if refused else w.Status.OK.value
     return {
         w.CLIENT: session.client,
@@ -173,5 +183,6 @@ def _info(session: Session, energy_method: str, refused: str = "") -> dict[str, 
         w.QUANTIZATION_REASON: session.quantization.reason,
         w.COMPUTE_DTYPE: session.quantization.dtype,
         w.ADAPTER_CONFIG: session.adapter_config,
+        w.LEDGER_ID: ledger_id,
     }
 

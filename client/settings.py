@@ -3,6 +3,10 @@
 Every key, its default and its check come from contracts/config.py; the node config
 (a SuperNode's own values) is checked by the same rules and wins for the keys a node
 may set (contracts.config.NODE_KEYS).
+
+`release-stats` is the data owner's alone: only a node config sets it. Its default is
+false on a device and true in a simulation, whose partitions are all the simulating
+user's own data on their own machine.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 from client.profiles import profile
 from contracts.adapter import spec
 from contracts.config import NODE_KEYS, RUN_KEYS, SCHEMA, validate, validate_node
+from contracts.environment import SIMULATION
 from contracts.wire import RUN_ID, SERVER_ROUND
 
 LOCAL_RUN = "local"  # the run id of a config that names none
@@ -64,6 +69,7 @@ class ClientSettings:
     update_encoding: str
     dropout_rate: float  # simulation only: the chance that this client fails a round
     progress_seconds: float  # how often the client logs its progress while it trains
+    release_stats: bool  # send timings, energy, memory and held-out sums (outside DP)
 
     @classmethod
     def from_records(cls, config: dict[str, Any], node: dict[str, Any]) -> ClientSettings:
@@ -86,6 +92,7 @@ class ClientSettings:
             lora_r=rank,
             lora_alpha=alpha,
             **_privacy_fields(merged),
+            release_stats=own.get("release-stats", os.environ.get(SIMULATION) == "1"),
         )
 
     def resolved_state_dir(self, client: str) -> Path:

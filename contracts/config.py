@@ -197,6 +197,9 @@ SCHEMA: dict[str, Key] = {k.name: k for k in (
     K("worker", "", "set by `fedslm supernode`: the node's long-lived model process "
       "(internal)", scope=NODE_ONLY),
     K("num-partitions", 0, "set by Flower's simulation engine (unused)", scope=NODE_ONLY),
+    K("release-stats", False, "send the server this device's timings, energy, memory and "
+      "held-out evaluation sums: outside DP, the data owner's choice (docs/privacy.md; "
+      "a simulation's nodes: true)", scope=NODE_ONLY),
 )}
 
 RUN_KEYS = tuple(k for k, key in SCHEMA.items() if key.scope != NODE_ONLY)

@@ -43,6 +43,7 @@ REPORT = "report"
 AUDIT = "audit"  # an empirical audit's canaries.json (planted) and empirical.json (result)
 CANARIES = "canaries.json"
 EMPIRICAL = "empirical.json"
+LEDGERS = "ledgers"  # config.json: "local" (a simulation's, under the run) or "on-devices"
 # Each round's line has at least these; each of its clients' rows at least these.
 ROUND_KEYS = ("round", "eval_loss", "perplexity", "token_accuracy", "epsilon", "delta",
               "round_seconds", "bytes_up", "bytes_down", "clients")
@@ -72,7 +73,22 @@ def finite(value: Any) -> Any:
 def new_run_dir(out: str | Path) -> Path:
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
     path = Path(out).expanduser().resolve() / run_id
-    (path / CLIENTS).mkdir(parents=True)
+    path.mkdir(parents=True)
+    private_dir(path / CLIENTS)
+    return path
+
+
+def run_dirs(out: str | Path) -> list[Path]:
+    """The run directories in `out`, oldest first (other files there are skipped)."""
+    folder = Path(out)
+    return sorted(p for p in folder.iterdir() if (p / CONFIG).is_file()) \
+        if folder.is_dir() else []
+
+
+def private_dir(path: Path) -> Path:
+    """`path`, created if missing with mode 0700 (a client's state: its ledger, progress,
+    cached activations of its private data)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
 
 
@@ -241,8 +257,7 @@ def server_ledger(run_dir: Path) -> Path:
 def write_progress(state_dir: Path, progress: dict[str, Any]) -> None:
     """A client's progress (run-id, round, client, step, planned, elapsed): local to the
     device; in a simulation the engine reads it to show the round's progress."""
-    path = Path(state_dir) / PROGRESS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = private_dir(Path(state_dir)) / PROGRESS_FILE
     tmp = path.with_name(f".{PROGRESS_FILE}.tmp")
     tmp.write_text(json.dumps(finite(progress)))  # no fsync: it is rewritten every few seconds
     os.replace(tmp, path)

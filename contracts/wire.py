@@ -35,11 +35,41 @@ QUANTIZATION = "quantization"
 QUANTIZATION_REASON = "quantization-reason"
 COMPUTE_DTYPE = "compute-dtype"
 ADAPTER_CONFIG = "adapter-config"
+LEDGER_ID = "ledger-id"  # the random id of the client's privacy ledger (server/spend.py)
 CODEC_ERROR = "codec-error"  # set by the server on an update it could not decode
 # message content
 ARRAYS, CONFIG, METRICS, INFO = "arrays", "config", "metrics", "info"
 SERVER_ROUND = "server-round"
 RUN_ID = "run-id"  # which run a config, a ledger entry's spend or a progress record is of
+
+
+# Why each item of a reply may leave the device (docs/privacy.md, "What leaves a device").
+# Replace-one adjacency makes a dataset's size n public; nothing else about the data is.
+DP = "dp-protected"  # the update: clipped per example and noised
+PUBLIC = "public"  # a function of the run's config, n and the ledger's (public) history
+DATA_INDEPENDENT = "data-independent"  # the device's hardware and software, random ids
+OWNER_RELEASED = "owner-released"  # outside DP: only with the node's release-stats = true
+RELEASES = {
+    ARRAYS: DP,
+    EPSILON: PUBLIC, DELTA: PUBLIC, NUM_EXAMPLES: PUBLIC, NOISE_MULTIPLIER: PUBLIC,
+    CLIP_NORM: PUBLIC, SAMPLE_RATE: PUBLIC, STEPS: PUBLIC, BUDGET_EPSILON: PUBLIC,
+    BUDGET_DELTA: PUBLIC, CLIENT: PUBLIC, STATUS: PUBLIC, ADAPTER_CONFIG: PUBLIC,
+    ENERGY_METHOD: DATA_INDEPENDENT, QUANTIZATION: DATA_INDEPENDENT,
+    QUANTIZATION_REASON: DATA_INDEPENDENT, COMPUTE_DTYPE: DATA_INDEPENDENT,
+    LEDGER_ID: DATA_INDEPENDENT,
+    # the Poisson draws' sizes and the records' lengths show in these; DP does not cover them
+    TRAIN_SECONDS: OWNER_RELEASED, CPU_SECONDS: OWNER_RELEASED, ENERGY_J: OWNER_RELEASED,
+    PEAK_RSS_MB: OWNER_RELEASED, EVAL_SECONDS: OWNER_RELEASED,
+    # exact sums over the owner's held-out records
+    EVAL_LOSS_SUM: OWNER_RELEASED, EVAL_TOKENS: OWNER_RELEASED, EVAL_CORRECT: OWNER_RELEASED,
+}
+
+
+def released(values: dict, release_stats: bool) -> dict:
+    """`values` without the owner-released items unless the owner chose to release them;
+    KeyError for an item RELEASES does not declare (a new key must be classified first)."""
+    return {k: v for k, v in values.items()
+            if RELEASES[k] != OWNER_RELEASED or release_stats}
 
 
 class Status(StrEnum):

@@ -4,18 +4,26 @@ Every local training round appends one entry *before* the update leaves the
 client: the mechanism it ran (noise multiplier, sample rate, steps, δ) and the
 cumulative ε it brings the dataset to. Each entry's hash covers its fields and
 the previous entry's hash, so an edit, deletion or reordering breaks the chain.
+A ledger that disappears as a whole is caught elsewhere: each ledger has a random id,
+sent with every reply, and the server flags a client whose ledger id changes or whose
+cumulative ε goes down (server/spend.py).
+
+The file is created readable by its owner only (0600) in a folder of mode 0700.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import secrets
 import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from contracts.errors import FedslmError
-from privacy.accountant import Mechanism
+from contracts.rundir import private_dir
+from privacy.accountant import ADD_REMOVE, Mechanism
 
 GENESIS = "0" * 64
 SCHEMA_VERSION = 1
@@ -56,6 +64,9 @@ class Entry:
     time: str
     budget_epsilon: float | None = None  # the data owner's budget when this was charged
     budget_delta: float | None = None
+    # the neighbouring relation `epsilon` was computed under; entries written before
+    # fedslm recorded it were charged under add-remove (Opacus' RDP)
+    relation: str = ADD_REMOVE
 
     @property
     def mechanism(self) -> Mechanism:
@@ -73,7 +84,8 @@ class Ledger:
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise LedgerError(f"no ledger at {self.path}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            private_file(self.path)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -83,6 +95,8 @@ class Ledger:
                 self._db.execute(
                     "INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
                 )
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('ledger-id', ?)",
+                                 (secrets.token_hex(8),))
             self._db.execute("SELECT seq, body, prev_hash, hash FROM entries LIMIT 1").fetchall()
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"{self.path} is not a fedslm privacy ledger ({exc})") from exc
@@ -95,6 +109,12 @@ class Ledger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def ledger_id(self) -> str:
+        """A random id given at creation: a new file (a deleted ledger) has a new one."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'ledger-id'").fetchone()
+        return row[0] if row else ""
 
     def _rows(self) -> list[tuple[int, str, str, str]]:
         query = "SELECT seq, body, prev_hash, hash FROM entries ORDER BY seq"
@@ -135,3 +155,13 @@ class Ledger:
                 problems.append(f"entry {seq}: contents do not match its hash (edited)")
             prev = digest
         return problems
+
+
+def private_file(path: Path) -> None:
+    """Create `path` empty with mode 0600 in a folder of mode 0700, unless it exists.
+    SQLite gives its -wal and -shm files the database file's mode."""
+    private_dir(path.parent)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass

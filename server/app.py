@@ -25,7 +25,7 @@ def make_server_app(config: dict[str, Any], run_dir: Path,
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config, run_dir, echo)
+        run_federation(grid, config, run_dir, echo, simulation=True)
 
     return server_app
 

@@ -4,8 +4,9 @@ Each client's update (its adapter minus the global one) is clipped to L2 norm S,
 the clipped updates are summed, Gaussian noise N(0, (z·S)²) is added to every
 coordinate, and the sum is divided by the expected number of clients per round.
 One round is one Gaussian mechanism on a sample of clients (rate q = sampled /
-total), so the RDP accountant over rounds gives a user-level ε: it bounds what the
-released adapters reveal about *whether a whole client took part*. It needs many
+total), so the RDP accountant over rounds gives a user-level ε under add/remove-one-
+client adjacency: it bounds what the released adapters reveal about *whether a whole
+client took part*. `fedslm audit` checks it with Flower's own RdpAccountant too. It needs many
 clients to be small: with all clients in every round (q = 1) ε grows quickly.
 
 `CentralDP` wraps a strategy as Flower's DifferentialPrivacyServerSideFixedClipping
@@ -34,7 +35,7 @@ from flwr.serverapp.strategy import Strategy
 from contracts.adapter import Arrays
 from contracts.rundir import SERVER_CLIENT, server_ledger
 from contracts.wire import NUM_EXAMPLES
-from privacy.accountant import epsilon
+from privacy.accountant import ADD_REMOVE, epsilon
 from privacy.ledger import Entry, Ledger
 from server.replies import to_record
 from server.strategies import AdapterStrategy
@@ -136,10 +137,11 @@ class CentralDP(Strategy):
     def _charge(self, rnd: int, q: float) -> float:
         """Append this round's release to the ledger (before it is made); its ε."""
         history = self.ledger.history() + [(self.noise_multiplier, q, 1)]
-        eps = epsilon(history, self.delta, "rdp")
+        eps = epsilon(history, self.delta, "rdp", ADD_REMOVE)
         self.ledger.append(Entry(
             run_id=self.run_id, round=rnd, client=SERVER_CLIENT, dataset="federation",
             noise_multiplier=self.noise_multiplier, sample_rate=q, steps=1, delta=self.delta,
-            accountant="rdp", epsilon=eps, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            accountant="rdp", relation=ADD_REMOVE, epsilon=eps,
+            time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         ))
         return eps

@@ -27,6 +27,7 @@ from contracts.adapter import Arrays, cut_to_rank, rank_of
 from contracts.config import for_clients
 from contracts.rundir import (
     ADAPTER,
+    LEDGERS,
     CheckpointError,
     append_metrics,
     client_state_root,
@@ -43,6 +44,7 @@ from server.progress import ProgressMonitor
 from server.records import summary_line
 from server.replies import Reply, as_update, bytes_down, exchange, from_record, to_record
 from server.rows import add_costs, client_rows, dropouts
+from server.spend import REGISTRY, SpendRecord
 from server.strategies import STRATEGIES, AdapterStrategy
 from server.validation import accept_updates
 
@@ -90,12 +92,14 @@ class RunState:
     energy_total: float = 0.0
     first_loss: float = math.nan
     round: int = -1  # the last completed round
+    spend: dict[str, Any] = field(default_factory=dict)  # server/spend.py, as JSON
 
     def save(self, run_dir: Path) -> None:
         save_checkpoint(run_dir, {
             "round": self.round, "adapter_config": self.adapter_config,
             "epsilon_by_client": self.epsilon_by_client, "central_epsilon": self.central_epsilon,
             "energy_total": self.energy_total, "first_loss": self.first_loss,
+            "spend": self.spend,
         }, self.arrays)
 
     @classmethod
@@ -115,7 +119,7 @@ class RunState:
                                for k, v in state["epsilon_by_client"].items()},
             central_epsilon=state["central_epsilon"], energy_total=state["energy_total"],
             first_loss=math.nan if state["first_loss"] is None else state["first_loss"],
-            round=state["round"])
+            round=state["round"], spend=state.get("spend", {}))
 
 
 @dataclass
@@ -146,9 +150,11 @@ class Federation:
     """One run's server side; `run()` does round 0 and then every training round."""
 
     def __init__(self, grid: Grid, config: dict[str, Any], run_dir: Path,
-                 echo: Callable[[str], None]) -> None:
+                 echo: Callable[[str], None], simulation: bool = False) -> None:
         self.grid, self.run_dir, self.echo = grid, run_dir, echo
-        self.config = {**config, RUN_ID: run_dir.name, "run-dir": str(run_dir)}
+        # a simulation's client ledgers are on this machine (`fedslm audit` looks for them)
+        self.config = {**config, RUN_ID: run_dir.name, "run-dir": str(run_dir),
+                       LEDGERS: "local" if simulation else "on-devices"}
         if not config["resume"]:
             write_config(run_dir, {**self.config, "resume": ""})
         self.client_config = client_config(config, run_dir)
@@ -159,6 +165,10 @@ class Federation:
         if config["resume"]:
             self.state = RunState.load(run_dir)
             echo(f"resuming run {run_dir.name} after round {self.state.round}")
+        # clients whose ledgers live in a simulation's run directory start new ones each run
+        registry = not simulation or bool(config["state-root"])
+        self.spend = SpendRecord.from_json(self.state.spend,
+                                           run_dir.parent / REGISTRY if registry else None)
 
     def run(self) -> None:
         self.strategy.summary()
@@ -241,6 +251,9 @@ class Federation:
         state, evaluated = self.state, evaluation.replies
         rows = client_rows(training.trained, training.refused, evaluated)
         state.epsilon_by_client.update({row["client"]: row["epsilon"] for row in rows})
+        flags = self.spend.check(training.trained + training.refused + evaluated,
+                                 self.run_dir.name, rnd)
+        state.spend = self.spend.to_json()
         line = {
             "round": rnd,
             **evaluation.metrics,
@@ -254,6 +267,7 @@ class Federation:
             "dropouts": dropouts(training.refused),
             "failures": training.failures + evaluation.failures,
             "skipped": training.skipped,
+            "privacy_flags": flags,
         }
         if rnd == 0:
             state.first_loss = line["eval_loss"]
@@ -266,7 +280,7 @@ class Federation:
 
 
 def run_federation(grid: Grid, config: dict[str, Any], run_dir: Path,
-                   echo: Callable[[str], None] = print) -> Path:
+                   echo: Callable[[str], None] = print, simulation: bool = False) -> Path:
     """Round 0 evaluation, then `num-server-rounds` of train + evaluate; writes run_dir."""
-    Federation(grid, config, run_dir, echo).run()
+    Federation(grid, config, run_dir, echo, simulation).run()
     return run_dir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from contracts.wire import format_epsilon
@@ -17,9 +18,14 @@ def summary_line(line: dict[str, Any], num_rounds: int) -> str:
                     if line.get(key))
     if line.get("skipped"):
         extra += "  (training skipped: too few updates)"
+    if line.get("privacy_flags"):
+        extra += f"  PRIVACY FLAGS: {len(line['privacy_flags'])} (see the log, fedslm audit)"
+    loss = line.get("eval_loss")
+    held_out = "held-out metrics kept on the devices" if loss is None or math.isnan(loss) \
+        else (f"loss {loss:.3f}  ppl {line['perplexity']:.1f}  "
+              f"acc {line['token_accuracy']:.3f}")
     return (
-        f"round {line['round']}/{num_rounds}  loss {line['eval_loss']:.3f}  "
-        f"ppl {line['perplexity']:.1f}  acc {line['token_accuracy']:.3f}  {eps_text}  "
+        f"round {line['round']}/{num_rounds}  {held_out}  {eps_text}  "
         f"{line['round_seconds']:.1f}s  up {line['bytes_up'] / 1e6:.2f} MB  "
         f"down {line['bytes_down'] / 1e6:.2f} MB{extra}"
     )

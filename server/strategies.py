@@ -99,7 +99,9 @@ def hetlora(updates: Sequence[Update], rank: int) -> Arrays:
 
 
 def evaluation(metrics: Sequence[MetricRecord]) -> MetricRecord:
-    """Held-out loss, perplexity and token accuracy over every evaluated token."""
+    """Held-out loss, perplexity and token accuracy over every evaluated token of the
+    clients that released their sums (NaN when none did)."""
+    metrics = [m for m in metrics if EVAL_TOKENS in m]
     tokens = sum(m[EVAL_TOKENS] for m in metrics)
     loss = sum(m[EVAL_LOSS_SUM] for m in metrics) / tokens if tokens else math.nan
     return MetricRecord({

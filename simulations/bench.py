@@ -169,7 +169,8 @@ def federation_overhead(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
     run_dir = simulate(overrides, echo=lambda line: None)
     rounds = []
     for line in read_metrics(run_dir):
-        compute = sum(c["train_seconds"] + c.get("eval_seconds", 0.0) for c in line["clients"])
+        compute = sum((c["train_seconds"] or 0.0) + (c["eval_seconds"] or 0.0)
+                      for c in line["clients"])
         rounds.append({"round": line["round"], "wall_s": line["round_seconds"],
                        "compute_s": compute, "overhead": 1 - compute / line["round_seconds"]})
     return {"config": overrides, "rounds": rounds}

@@ -25,7 +25,7 @@ from client.evaluation import per_example_loss
 from contracts.environment import default_cache_dir
 from contracts.rundir import AUDIT, CANARIES, EMPIRICAL, read_metrics
 from contracts.wire import Status
-from privacy.attacks import auc, exposure, one_run_lower_bound, tpr_at_fpr
+from privacy.attacks import CONFIDENCE, auc, ceiling, exposure, one_run_lower_bound, tpr_at_fpr
 
 NAMES = ("Avery", "Blake", "Casey", "Devon", "Emery", "Finley", "Harper", "Jordan", "Kendall",
          "Logan", "Morgan", "Parker", "Quinn", "Reese", "Rowan", "Sawyer", "Skyler", "Taylor")
@@ -73,7 +73,7 @@ def score(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
         others = [c["prefix"] + _secret() for _ in range(ALTERNATIVES)]
         other_losses = per_example_loss(tuned, _encode(others, tokenizer))
         ranks.append(1 + int((other_losses < loss).sum()))
-    bound, guesses, correct = one_run_lower_bound(scores, members)
+    bound, guesses, correct = one_run_lower_bound(scores, members, delta=config["delta"])
     result = {
         "canaries": len(planted),
         "included": sum(members),
@@ -85,7 +85,9 @@ def score(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
         "guesses": guesses,
         "correct_guesses": correct,
         "epsilon_lower_bound": bound,
-        "confidence": 0.95,
+        "epsilon_ceiling": ceiling(len(planted), CONFIDENCE, config["delta"]),
+        "confidence": CONFIDENCE,
+        "delta": config["delta"],
         "epsilon_accountant": _accountant_epsilon(run_dir, config),
         "dp": config["dp"],
     }

@@ -65,7 +65,8 @@ class Walkthrough:
                         str(certs / "nodes" / f"node-{i}.key"), "--superlink",
                         f"127.0.0.1:{self.port}", "--port", str(_port()), "--state",
                         str(self.root / f"device-{i}"), "--node-config",
-                        f"partition-id={i - 1} device-profile='laptop'",
+                        # this machine's own figures: the nodes release their timings
+                        f"partition-id={i - 1} device-profile='laptop' release-stats=true",
                         *([] if self.worker else ["--no-worker"]),
                         log=f"device-{i}")
         self._until(lambda: self._online() == 2)
@@ -92,7 +93,9 @@ class Walkthrough:
         self._until(lambda: self._status().startswith("finished"), timeout=7200, every=15)
         logs = self.flwr("log", self._run_id(), "fedslm", "--show", timeout=120)
         (self.root / "run.log").write_text(done.stdout + logs.stdout + logs.stderr)
-        runs = sorted(out.iterdir()) if out.exists() else []
+        from contracts.rundir import run_dirs
+
+        runs = run_dirs(out)
         if not runs:
             raise RuntimeError("the run wrote no run directory:\n" + done.stdout[-3000:])
         return runs[-1]
@@ -122,7 +125,7 @@ def overhead(run_dir: Path) -> list[dict[str, float]]:
 
     rows = []
     for line in read_metrics(run_dir):
-        slowest = max((c["train_seconds"] + c.get("eval_seconds", 0.0)
+        slowest = max(((c["train_seconds"] or 0.0) + (c["eval_seconds"] or 0.0)
                        for c in line["clients"]), default=0.0)
         rows.append({"round": line["round"], "wall_s": line["round_seconds"],
                      "slowest_client_s": slowest,

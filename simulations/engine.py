@@ -76,8 +76,9 @@ def simulate(overrides: dict[str, Any], echo: Callable[[str], None] = print,
         eps = result["epsilon_accountant"]
         echo(f"empirical audit: AUC {result['auc']:.3f}, TPR@1%FPR "
              f"{result['tpr_at_1pct_fpr']:.3f}, exposure {result['exposure_mean']:.2f} bits, "
-             f"ε lower bound {result['epsilon_lower_bound']:.2f} (95%) vs accountant ε "
-             + format_epsilon(eps))
+             f"ε lower bound {result['epsilon_lower_bound']:.2f} (95%, at most "
+             f"{result['epsilon_ceiling']:.2f} with {result['canaries']} canaries) vs "
+             "accountant ε " + format_epsilon(eps))
     echo(str(run_dir))
     return run_dir
 

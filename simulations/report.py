@@ -35,11 +35,16 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     return {"dir": run_dir, "name": run_dir.name, "config": config, "rounds": lines}
 
 
+def _num(value: float | None) -> float:
+    """A figure to plot: null (kept on the devices, or not finite) is a gap."""
+    return math.nan if value is None else value
+
+
 def summary(run: dict[str, Any]) -> dict[str, Any]:
     """One row of the comparison table."""
     first, last = run["rounds"][0], run["rounds"][-1]
-    energy = sum(r.get("energy_j") or sum(c["energy_j"] for c in r["clients"])
-                 for r in run["rounds"])
+    energy = sum(r.get("energy_j") or sum(c["energy_j"] or 0 for c in r["clients"])
+                 for r in run["rounds"])  # a device that keeps its energy: null, not counted
     return {
         "run": run["name"],
         "rounds": last["round"],
@@ -94,10 +99,10 @@ def _plots(runs: list[dict[str, Any]], folder: Path) -> list[tuple[str, str]]:
         made.append((name, caption))
 
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.plot(rounds, [r["eval_loss"] for r in main], "o-", color="tab:blue")
+    ax.plot(rounds, [_num(r["eval_loss"]) for r in main], "o-", color="tab:blue")
     ax.set(xlabel="round", ylabel="held-out loss (nats/token)", xticks=rounds)
     twin = ax.twinx()
-    twin.plot(rounds, [r["perplexity"] for r in main], "s--", color="tab:orange")
+    twin.plot(rounds, [_num(r["perplexity"]) for r in main], "s--", color="tab:orange")
     twin.set_ylabel("perplexity", color="tab:orange")
     save(fig, "accuracy.png", "Held-out loss (blue) and perplexity (orange) per round; "
                               "round 0 is the base model.")
@@ -126,7 +131,7 @@ def _plots(runs: list[dict[str, Any]], folder: Path) -> list[tuple[str, str]]:
     fig, ax = plt.subplots(figsize=(6, 3.4))
     width = 0.8 / max(len(clients), 1)
     for i, name in enumerate(clients):
-        joules = [next((c["energy_j"] for c in r["clients"] if c["client"] == name), 0)
+        joules = [next((c["energy_j"] or 0 for c in r["clients"] if c["client"] == name), 0)
                   for r in main]
         ax.bar([x + i * width for x in rounds], joules, width, label=name)
     method = summary(runs[0])["energy_method"]

@@ -15,5 +15,7 @@ def client_settings(model: Path, data: Path, state: Path, **overrides: Any) -> C
               "reproducible": True, "state-root": str(state), "server-round": 1,
               "run-id": "test-run"}
     config.update({k.replace("_", "-"): v for k, v in overrides.items()})
-    node = {"partition-id": config.pop("partition-id", 0)}
+    node = {"partition-id": config.pop("partition-id", 0),
+            **({"release-stats": config.pop("release-stats")} if "release-stats" in config
+               else {})}
     return ClientSettings.from_records(config, node)

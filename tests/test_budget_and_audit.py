@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedslm.cli import main
-from privacy.accountant import epsilon
+from privacy.accountant import ADD_REMOVE, REPLACE_ONE, epsilon
 from privacy.budget import Budget, plan_round
 from privacy.ledger import Entry, Ledger
 
@@ -73,9 +73,14 @@ def test_accountants_against_the_exact_gaussian_mechanism():
         lo, hi = (mid, hi) if _gaussian_delta(mid, mu) > delta else (lo, mid)
     exact = hi
     history = [(sigma, 1.0, steps)]
-    assert epsilon(history, delta, "prv") == pytest.approx(exact, rel=0.02)
+    for name in ("prv", "pld"):
+        assert epsilon(history, delta, name, ADD_REMOVE) == pytest.approx(exact, rel=0.02)
     for name in ("rdp", "dp-accounting-rdp"):  # RDP: an upper bound, not far above
-        assert exact <= epsilon(history, delta, name) <= exact * 1.3
+        assert exact <= epsilon(history, delta, name, ADD_REMOVE) <= exact * 1.3
+    # replace-one, no sampling: the same Gaussian at twice the sensitivity (2σ here)
+    for name in ("pld", "fft"):
+        assert epsilon([(2 * sigma, 1.0, steps)], delta, name, REPLACE_ONE) == \
+            pytest.approx(exact, rel=0.02)
 
 
 def _ledger(path: Path, entries: int = 3, budget: float | None = None) -> list[float]:
@@ -83,8 +88,8 @@ def _ledger(path: Path, entries: int = 3, budget: float | None = None) -> list[f
     with Ledger(path) as ledger:
         for i in range(1, entries + 1):
             eps.append(epsilon([MECH] * i, 1e-5))
-            ledger.append(Entry("run-a", i, "alice", "fp", *MECH, 1e-5, "rdp", eps[-1], "t",
-                                budget_epsilon=budget))
+            ledger.append(Entry("run-a", i, path.parent.name, "fp", *MECH, 1e-5, "pld",
+                                eps[-1], "t", budget_epsilon=budget, relation=REPLACE_ONE))
     return eps
 
 
@@ -111,7 +116,8 @@ def test_an_intact_ledger_passes_and_json_has_the_contract(tmp_path, capsys):
     (client,) = result["clients"]
     assert result["ok"] is True
     assert client["epsilon"] == pytest.approx(eps[-1]) == client["epsilon_reported"]
-    assert client["accountants"]["dp-accounting-rdp"] == pytest.approx(eps[-1], rel=0.01)
+    assert client["relation"] == REPLACE_ONE and len(client["ledger_id"]) == 16
+    assert client["accountants"]["fft"] == pytest.approx(eps[-1], rel=0.01)
     assert (client["budget_epsilon"], client["within_budget"], client["chain_intact"]) == \
         (5.0, True, True)
     expected = {"noise_multiplier": 1.0, "sample_rate": 0.05, "steps": 20}
@@ -165,7 +171,8 @@ def test_over_budget_and_a_wrong_reported_epsilon(tmp_path, capsys):
     assert code == 1 and f"ε={eps[-1]:.4f} is over the budget ε=1" in out
     liar = tmp_path / "bob" / "ledger.sqlite"
     with Ledger(liar) as ledger:
-        ledger.append(Entry("run-a", 1, "bob", "fp", *MECH, 1e-5, "rdp", 0.01, "t"))
+        ledger.append(Entry("run-a", 1, "bob", "fp", *MECH, 1e-5, "pld", 0.01, "t",
+                            relation=REPLACE_ONE))
     code, out = _audit(liar, capsys)
     assert code == 1 and "reported ε=0.0100 but the recorded mechanisms give" in out
 
@@ -204,3 +211,71 @@ def test_the_spend_survives_a_crash_between_training_and_reply(tiny_model, text_
     with Ledger(tmp_path / "client-0" / "ledger.sqlite", create=False) as ledger:
         (entry,) = ledger.entries()
         assert entry.round == 1 and entry.epsilon > 0 and ledger.verify() == []
+
+
+def _local_run(tmp_path: Path, clients: tuple[str, ...] = ("alice", "bob")) -> Path:
+    """A simulation's run directory: its clients' ledgers under <run>/clients."""
+    run = tmp_path / "run"
+    eps = {name: _ledger(run / "clients" / name / "ledger.sqlite") for name in clients}
+    (run / "config.json").write_text(json.dumps({"run-id": "run-a", "ledgers": "local"}))
+    lines = [{"round": r, "clients": [{"client": name, "status": "trained",
+                                       "epsilon": eps[name][r - 1]} for name in clients],
+              "privacy_flags": []} for r in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return run
+
+
+def test_a_deleted_ledger_is_named_against_the_runs_metrics(tmp_path, capsys):
+    run = _local_run(tmp_path)
+    assert _audit(run, capsys)[0] == 0
+    (run / "clients" / "bob" / "ledger.sqlite").unlink()
+    code, out = _audit(run, capsys)
+    assert code == 1
+    assert "the server saw this client spend privacy, but its ledger is missing" in out
+    # a new, shorter ledger in its place lacks the rounds the server saw
+    with Ledger(run / "clients" / "bob" / "ledger.sqlite") as ledger:
+        ledger.append(Entry("run-a", 3, "bob", "fp", *MECH, 1e-5, "pld",
+                            epsilon([MECH], 1e-5), "t", relation=REPLACE_ONE))
+    code, out = _audit(run, capsys)
+    assert code == 1 and "round 1: the server saw a spend that is missing from the ledger" in out
+
+
+def test_the_servers_flags_and_unseen_charges_are_reported(tmp_path, capsys):
+    run = _local_run(tmp_path, ("alice",))
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lines[2]["privacy_flags"] = [{"client": "alice", "problem": "cumulative ε went down"}]
+    lines[1]["clients"][0]["status"] = "rejected: update norm too large"
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    code, out = _audit(run, capsys)
+    assert code == 1
+    assert "round 3: the server flagged alice: cumulative ε went down" in out
+    assert "alice: note: rounds [2]: charged in the ledger, no update used by the server" in out
+
+
+def test_a_deployments_run_directory_points_to_the_devices(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"run-id": "run-a", "ledgers": "on-devices"}))
+    (run / "metrics.jsonl").write_text(json.dumps(
+        {"round": 1, "clients": [], "privacy_flags": []}) + "\n")
+    code, out = _audit(run, capsys)
+    assert code == 0 and "the clients' ledgers are on their devices" in out
+
+
+def test_the_central_dp_ledger_is_checked_by_flowers_accountant(tmp_path, capsys):
+    from contracts.rundir import SERVER_CLIENT
+
+    run = tmp_path / "run"
+    history = [(1.2, 0.5, 1)] * 3
+    with Ledger(run / "server" / "ledger.sqlite") as ledger:
+        for i in range(1, 4):
+            ledger.append(Entry("run-a", i, SERVER_CLIENT, "federation", *history[0], 1e-5,
+                                "rdp", epsilon(history[:i], 1e-5, "rdp", ADD_REMOVE), "t",
+                                relation=ADD_REMOVE))
+    (run / "config.json").write_text(json.dumps({"run-id": "run-a", "num-clients": 4}))
+    (run / "metrics.jsonl").write_text("")
+    assert main(["audit", str(run), "--json"]) == 0
+    (server,) = json.loads(capsys.readouterr().out)["clients"]
+    assert server["relation"] == ADD_REMOVE
+    assert set(server["accountants"]) == {"rdp", "dp-accounting-rdp", "flower-rdp"}
+    assert server["accountants"]["flower-rdp"] == pytest.approx(server["epsilon"], rel=0.01)

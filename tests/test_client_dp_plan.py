@@ -93,13 +93,13 @@ def test_a_sigma_is_kept_only_for_the_inputs_it_was_searched_for():
 def test_another_runs_spend_mid_run_gives_what_a_fresh_search_gives(tiny_model, text_clients,
                                                                     tmp_path):
     s = client_settings(tiny_model, text_clients, tmp_path, local_steps=3, run_id="run-a")
-    _, first = charge_round(s=s, client="alice", num_examples=40, dataset="fp")
+    _, first, _ = charge_round(s=s, client="alice", num_examples=40, dataset="fp")
     other = client_settings(tiny_model, text_clients, tmp_path, local_steps=20, run_id="run-b",
                             noise_multiplier=1.0)
     charge_round(s=other, client="alice", num_examples=40, dataset="fp")
     later = client_settings(tiny_model, text_clients, tmp_path, local_steps=3, run_id="run-a",
                             server_round=2)
-    verdict, plan = charge_round(s=later, client="alice", num_examples=40, dataset="fp")
+    verdict, plan, _ = charge_round(s=later, client="alice", num_examples=40, dataset="fp")
     with Ledger(tmp_path / "alice" / LEDGER_FILE) as ledger:
         entries = ledger.entries()
     earlier = [e.mechanism for e in entries[:-1] if e.run_id != "run-a"]
@@ -120,7 +120,7 @@ def test_a_run_the_server_did_not_name_never_reuses_sigma(tiny_model, text_clien
 
 def test_the_charged_plan_is_the_one_recorded(tiny_model, text_clients, tmp_path):
     s = client_settings(tiny_model, text_clients, tmp_path, local_steps=3)
-    verdict, plan = charge_round(s=s, client="alice", num_examples=40, dataset="fp")
+    verdict, plan, ledger_id = charge_round(s=s, client="alice", num_examples=40, dataset="fp")
     assert not verdict.refused
     assert (plan.sample_rate, plan.steps, plan.expected_batch, plan.clip_norm) == \
         (4 / 40, 3, 4, 1.0)
@@ -128,6 +128,8 @@ def test_the_charged_plan_is_the_one_recorded(tiny_model, text_clients, tmp_path
         (entry,) = ledger.entries()
     assert entry.mechanism == (plan.noise_multiplier, plan.sample_rate, plan.steps)
     assert entry.epsilon == verdict.epsilon_after
+    assert (entry.accountant, entry.relation) == ("pld", "replace-one")
+    assert ledger_id == Ledger(tmp_path / "alice" / LEDGER_FILE).ledger_id
 
 
 def test_the_trainer_refuses_data_the_plan_was_not_made_for(tiny_model, text_clients):

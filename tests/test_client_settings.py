@@ -59,3 +59,14 @@ def test_hetlora_rank_comes_from_the_node_or_its_profile():
         [("server-cpu", 8, 16.0), ("raspberry-pi-5", 2, 4.0)]
     own = ClientSettings.from_records(config, {"lora-r": 4, "device-profile": "laptop"})
     assert (own.device_profile, own.lora_r, own.lora_alpha) == ("laptop", 4, 8.0)
+
+
+def test_releasing_stats_is_the_data_owners_choice(monkeypatch):
+    monkeypatch.delenv("FEDSLM_SIMULATION", raising=False)
+    assert ClientSettings.from_records({}, {}).release_stats is False  # a device: private
+    assert ClientSettings.from_records({}, {"release-stats": "true"}).release_stats is True
+    monkeypatch.setenv("FEDSLM_SIMULATION", "1")  # every partition is the simulating user's
+    assert ClientSettings.from_records({}, {}).release_stats is True
+    assert ClientSettings.from_records({}, {"release-stats": False}).release_stats is False
+    with pytest.raises(ConfigError, match="'release-stats' belongs in a SuperNode's node config"):
+        validate({"release-stats": True})  # the server cannot ask for it

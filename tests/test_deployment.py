@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from contracts.rundir import read_metrics
+from contracts.rundir import read_metrics, run_dirs
 from privacy.ledger import Ledger
 from tests.test_simulation import CLIENT_KEYS, RUN_KEYS
 
@@ -161,7 +161,7 @@ def _ledger(deployment: Deployment, name: str) -> list:
 def test_tls_authenticated_federation_runs_two_rounds(deployment, tmp_path):
     out = deployment.flwr(*deployment.run_args(tmp_path / "runs"), timeout=400)
     assert deployment.last_status() == "finished:completed", out.stdout[-3000:]
-    run_dir = next((tmp_path / "runs").iterdir())
+    run_dir = run_dirs(tmp_path / "runs")[-1]
     lines = read_metrics(run_dir)
     assert [x["round"] for x in lines] == [0, 1, 2]
     for line in lines:
@@ -169,7 +169,15 @@ def test_tls_authenticated_federation_runs_two_rounds(deployment, tmp_path):
         assert {c["client"] for c in line["clients"]} == {"client-0", "client-1"}
         assert all(CLIENT_KEYS <= set(c) for c in line["clients"])
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    # a device's default: its timings, energy and held-out sums stay on it
+    assert all(line["eval_loss"] is None for line in lines)
+    assert all(c["train_seconds"] is None and c["energy_j"] is None and
+               not c["stats_released"] for line in lines for c in line["clients"])
+    assert "held-out metrics kept on the devices" in out.stdout + out.stderr
     for name in ("node-1", "node-2"):
+        assert stat.S_IMODE(deployment.state(name).stat().st_mode) == 0o700
+        assert stat.S_IMODE((deployment.state(name) / "ledger.sqlite").stat().st_mode) == 0o600
+        assert "held-out loss" in deployment.log(name)  # ...in the device's own log
         entries = [e for e in _ledger(deployment, name) if e.run_id == run_dir.name]
         assert [e.round for e in entries] == [1, 2]
         audit = subprocess.run([*FEDSLM, "audit", str(deployment.state(name) / "ledger.sqlite")],
@@ -196,10 +204,10 @@ def test_a_killed_supernode_does_not_stop_the_run(deployment, tmp_path):
     output, _ = run.communicate(timeout=400)
     assert deployment.last_status() == "finished:completed", output[-3000:]
 
-    run_dir = next(out.iterdir())
+    run_dir = run_dirs(out)[-1]
     lines = read_metrics(run_dir)
     assert [x["round"] for x in lines] == [0, 1, 2]
-    assert lines[1]["failures"] and lines[1]["eval_loss"] == lines[1]["eval_loss"]
+    assert lines[1]["failures"]
     assert [c["client"] for c in lines[1]["clients"] if c["status"] == "trained"] == \
         ["client-0"]
     assert [c["client"] for c in lines[2]["clients"]] == ["client-0"]
@@ -240,7 +248,7 @@ def test_a_node_loads_its_model_once_per_run(deployment, tmp_path):
     offsets = {name: len(deployment.log(name)) for name in names}
     out = deployment.flwr(*deployment.run_args(tmp_path / "a", **{"lora-r": 3}), timeout=400)
     assert deployment.last_status() == "finished:completed", out.stdout[-3000:]
-    assert [x["round"] for x in read_metrics(next((tmp_path / "a").iterdir()))] == [0, 1, 2]
+    assert [x["round"] for x in read_metrics(run_dirs(tmp_path / "a")[-1])] == [0, 1, 2]
     for name in names:
         run_log = deployment.log(name)[offsets[name]:]
         assert run_log.count(LOADED) == 1, run_log  # once for the whole run...
@@ -311,3 +319,25 @@ def test_certs_cover_the_addresses_and_refuse_to_overwrite(tmp_path):
     bad = subprocess.run([*FEDSLM, "certs", str(tmp_path / "x"), "--address", "a b"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and not (tmp_path / "x").exists()
+
+
+def test_a_deleted_device_ledger_is_flagged_by_the_server(deployment, tmp_path):
+    """The server remembers each client's spend across runs (<out>/.privacy-spend.json):
+    a device whose ledger disappears between runs comes back at ε = 0 and is flagged."""
+    out = tmp_path / "runs"
+    first = deployment.flwr(*deployment.run_args(out, **{"num-server-rounds": 1}),
+                            timeout=400)
+    assert deployment.last_status() == "finished:completed", first.stdout[-3000:]
+    for path in deployment.state("node-1").glob("ledger.sqlite*"):
+        path.unlink()  # the data owner (or a bug) deletes the ledger
+    again = deployment.flwr(*deployment.run_args(out, **{"num-server-rounds": 1}),
+                            timeout=400)
+    assert deployment.last_status() == "finished:completed", again.stdout[-3000:]
+    run_dir = run_dirs(out)[-1]
+    flags = read_metrics(run_dir)[0]["privacy_flags"]
+    assert [f["client"] for f in flags] == ["client-0"]
+    assert flags[0]["problem"].startswith("no privacy ledger while this server saw ε=")
+    audit = subprocess.run([*FEDSLM, "audit", str(run_dir)], capture_output=True, text=True)
+    assert audit.returncode == 1
+    assert "round 0: the server flagged client-0: no privacy ledger" in audit.stdout
+    assert "the clients' ledgers are on their devices" in audit.stdout

@@ -5,12 +5,13 @@ and the lower bound stays under the accountant's ε."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 
-from privacy.attacks import auc, exposure, one_run_lower_bound, tpr_at_fpr
+from privacy.attacks import auc, ceiling, exposure, one_run_lower_bound, p_value, tpr_at_fpr
 from tests.test_simulation import _fedslm
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -25,6 +26,19 @@ def test_statistics_on_known_scores():
     assert (guesses, correct) == (50, 50) and 2.5 < bound < 3.5
     assert one_run_lower_bound([0.0] * 100, members)[0] == 0.0
     assert exposure(1, 32) == 5.0 and exposure(32, 32) == 0.0
+
+
+def test_the_audit_ceiling_and_the_delta_term():
+    """200 canaries at 95%: even 100 right guesses out of 100 certify only ε ≈ 3.49
+    (0.95^(1/100) = e^ε / (1 + e^ε)); δ > 0 lowers what a count certifies."""
+    p = 0.05 ** (1 / 100)
+    assert ceiling(200) == pytest.approx(math.log(p / (1 - p)), abs=1e-6)
+    assert ceiling(200, delta=1e-5) < ceiling(200) < ceiling(1000)
+    members = [True, False] * 100
+    perfect = [1.0 if m else 0.0 for m in members]
+    assert one_run_lower_bound(perfect, members)[0] == pytest.approx(ceiling(200))
+    assert one_run_lower_bound(perfect, members, delta=1e-3)[0] < ceiling(200) - 0.05
+    assert p_value(200, 100, 60, 0.0) == pytest.approx(0.0284, abs=1e-3)  # P[Bin(100,½) ≥ 60]
 
 
 def _audit_run(tiny_model, text_clients, tmp_path, dp: bool) -> dict:
@@ -59,4 +73,6 @@ def test_with_dp_the_lower_bound_stays_below_the_accountant(tiny_model, text_cli
     empirical = result["empirical"]
     assert 0 < empirical["epsilon_accountant"] <= 8.0
     assert empirical["epsilon_lower_bound"] <= empirical["epsilon_accountant"]
+    assert empirical["epsilon_ceiling"] == pytest.approx(ceiling(100, delta=1e-5))
+    assert empirical["delta"] == 1e-5
     assert empirical["problems"] == [] and result["ok"]

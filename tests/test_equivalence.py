@@ -1,6 +1,8 @@
 """The redesign changed no behaviour: a reproducible tiny-model federation gives the
 final adapter and the metrics recorded before it (tests/data/equivalence/, made by the
-code at c3d90be with FEDSLM_WRITE_REFERENCE=1)."""
+code at c3d90be with FEDSLM_WRITE_REFERENCE=1; made again when the clients' accounting
+moved to replace-one adjacency, which changes σ and ε, and so the noised adapters, by
+design; round 0 and every decision that does not depend on σ stayed as they were)."""
 
 from __future__ import annotations
 

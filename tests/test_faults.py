@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from contracts.rundir import load_checkpoint, read_metrics, save_checkpoint
+from contracts.rundir import load_checkpoint, read_metrics, run_dirs, save_checkpoint
 from server.app import FederationError
 from server.replies import Reply
 from server.validation import accept_updates, problems_with
@@ -139,7 +139,7 @@ def test_poisoned_updates_are_rejected_in_a_real_round(tiny_model, text_clients,
               "lora-r": 4, "max-eval-seqs": 4, "out": str(tmp_path / "runs"),
               "max-update-norm": 50.0}
     stdout = _simulate("poison", config, tmp_path / "cache")
-    run_dir = next((tmp_path / "runs").iterdir())
+    run_dir = run_dirs(tmp_path / "runs")[-1]
     last = read_metrics(run_dir)[-1]
     assert last["round"] == 1, stdout
     reasons = {f["client"]: f["reason"] for f in last["failures"]}
@@ -164,8 +164,8 @@ def test_a_stopped_server_resumes_to_the_same_result(tiny_model, text_clients, t
     _simulate("run", {**config, "out": str(tmp_path / "whole")}, cache)
     stopped = _simulate("stop-after-1", {**config, "out": str(tmp_path / "parts")}, cache)
     assert "ServerApp stopped after round 1" in stopped
-    whole_dir = next((tmp_path / "whole").iterdir())
-    part_dir = next((tmp_path / "parts").iterdir())
+    whole_dir = run_dirs(tmp_path / "whole")[-1]
+    part_dir = run_dirs(tmp_path / "parts")[-1]
     assert [x["round"] for x in read_metrics(part_dir)] == [0, 1]
 
     resumed = subprocess.run(

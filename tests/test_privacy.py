@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import stat
 
 import pytest
 
 from client.cache import Session
 from client.rounds import train_round
-from contracts.rundir import LEDGER_FILE
-from privacy.accountant import epsilon, noise_for_target
+from contracts.rundir import LEDGER_FILE, new_run_dir, write_progress
+from privacy.accountant import (
+    ADD_REMOVE,
+    CHARGED,
+    REPLACE_ONE,
+    epsilon,
+    flower_rdp,
+    noise_for_target,
+)
 from privacy.ledger import Entry, Ledger, LedgerError
 from tests.helpers import client_settings
 
@@ -17,9 +26,26 @@ KNOWN = [(1.0, 0.016, 63 * 20)]  # NOTES.md: RDP 3.80, PRV 3.44, dp-accounting R
 
 
 def test_independent_accountants_agree_on_a_known_setting():
-    assert epsilon(KNOWN, 1e-5, "rdp") == pytest.approx(3.80, abs=0.01)
-    assert epsilon(KNOWN, 1e-5, "dp-accounting-rdp") == pytest.approx(3.80, abs=0.01)
-    assert epsilon(KNOWN, 1e-5, "prv") == pytest.approx(3.44, abs=0.03)
+    assert epsilon(KNOWN, 1e-5, "rdp", ADD_REMOVE) == pytest.approx(3.80, abs=0.01)
+    assert epsilon(KNOWN, 1e-5, "dp-accounting-rdp", ADD_REMOVE) == pytest.approx(3.80, abs=0.01)
+    assert epsilon(KNOWN, 1e-5, "prv", ADD_REMOVE) == pytest.approx(3.44, abs=0.03)
+    assert epsilon(KNOWN, 1e-5, "pld", ADD_REMOVE) == pytest.approx(3.43, abs=0.01)
+    assert epsilon(KNOWN, 1e-5, "fft", ADD_REMOVE) == pytest.approx(3.43, abs=0.01)
+    # replace-one, the relation charged: Google's PLD and Koskela et al.'s Fourier accountant
+    pld, fft = epsilon(KNOWN, 1e-5, "pld", REPLACE_ONE), epsilon(KNOWN, 1e-5, "fft", REPLACE_ONE)
+    assert pld == pytest.approx(5.51, abs=0.01) and fft == pytest.approx(pld, rel=1e-3)
+    assert epsilon(KNOWN, 1e-5) == pld  # the default is what ledgers are charged with
+    assert CHARGED == ("pld", REPLACE_ONE)
+
+
+def test_replace_one_without_sampling_is_add_remove_at_twice_the_sensitivity():
+    """q = 1: replacing a record moves the sum by up to 2C, the Gaussian mechanism of
+    σ/2 under add/remove (a closed-form check on both replace-one accountants)."""
+    for name in ("pld", "fft"):
+        assert epsilon([(2.0, 1.0, 1)], 1e-5, name, REPLACE_ONE) == pytest.approx(
+            epsilon([(1.0, 1.0, 1)], 1e-5, "pld", ADD_REMOVE), rel=1e-4)
+    demo = [(0.6, 16 / 400, 18)]
+    assert epsilon(demo, 1e-5, "pld", REPLACE_ONE) > epsilon(demo, 1e-5, "pld", ADD_REMOVE)
 
 
 def test_edge_cases_of_epsilon():
@@ -27,8 +53,18 @@ def test_edge_cases_of_epsilon():
     assert epsilon([(0.0, 0.1, 5)], 1e-5) == float("inf")
     split = epsilon([(1.0, 0.016, 600), (1.0, 0.016, 660)], 1e-5)
     assert split == pytest.approx(epsilon(KNOWN, 1e-5), rel=1e-9)
-    with pytest.raises(ValueError, match="unknown accountant"):
+    with pytest.raises(ValueError, match="no accountant 'magic'"):
         epsilon(KNOWN, 1e-5, "magic")
+    with pytest.raises(ValueError, match="no accountant 'rdp' for relation 'replace-one'"):
+        epsilon(KNOWN, 1e-5, "rdp")  # Opacus' RDP is add/remove only
+
+
+def test_flowers_rdp_accountant_matches_where_its_model_does():
+    history = [(1.1, 0.5, 3), (1.3, 0.5, 2)]  # 5 of 10 clients a round, Poisson
+    assert flower_rdp(history, 1e-5, 10) == pytest.approx(
+        epsilon(history, 1e-5, "rdp", ADD_REMOVE), rel=0.01)
+    with pytest.raises(ValueError, match="not a whole number"):
+        flower_rdp([(1.0, 0.25, 1)], 1e-5, 10)  # 2.5 clients: not its model
 
 
 def test_noise_for_target_is_the_smallest_that_fits():
@@ -41,25 +77,48 @@ def test_noise_for_target_is_the_smallest_that_fits():
 
 def test_cumulative_epsilon_of_a_recreated_client_equals_one_accountant(
         tiny_model, text_clients, tmp_path):
-    from opacus.accountants import RDPAccountant
-
     reported = []
     for rnd in (1, 2, 3):
         Session.forget()  # Flower recreates the ClientApp: nothing survives in memory
         s = client_settings(tiny_model, text_clients, tmp_path, server_round=rnd, local_steps=3)
         _, metrics, info = train_round(s, {})
         reported.append(metrics["epsilon"])
-    one = RDPAccountant()
-    for _ in range(3 * 3):
-        one.step(noise_multiplier=metrics["noise-multiplier"], sample_rate=metrics["sample-rate"])
+    history = [(metrics["noise-multiplier"], metrics["sample-rate"], 3 * 3)]
     assert reported[0] < reported[1] < reported[2]
-    assert reported[-1] == pytest.approx(one.get_epsilon(1e-5), rel=1e-9)
+    assert reported[-1] == pytest.approx(epsilon(history, 1e-5, "pld", REPLACE_ONE), rel=1e-9)
+    assert reported[-1] == pytest.approx(epsilon(history, 1e-5, "fft", REPLACE_ONE), rel=1e-3)
     assert reported[-1] <= 8.0  # the planned rounds land on the target ε
     with Ledger(tmp_path / info["client"] / LEDGER_FILE) as ledger:
         entries = ledger.entries()
         assert [e.round for e in entries] == [1, 2, 3]
         assert [e.epsilon for e in entries] == pytest.approx(reported)
+        assert {(e.accountant, e.relation) for e in entries} == {("pld", REPLACE_ONE)}
         assert ledger.verify() == []
+        assert len(ledger.ledger_id) == 16 and info["ledger-id"] == ledger.ledger_id
+
+
+def test_ledgers_and_state_folders_are_private(tmp_path):
+    path = tmp_path / "state" / "alice" / "ledger.sqlite"
+    with Ledger(path) as ledger:
+        ledger.append(_entry(1))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    for sidecar in path.parent.glob("ledger.sqlite-*"):  # SQLite's -wal and -shm
+        assert stat.S_IMODE(sidecar.stat().st_mode) == 0o600
+    run = new_run_dir(tmp_path / "runs")
+    assert stat.S_IMODE((run / "clients").stat().st_mode) == 0o700
+    write_progress(tmp_path / "bob", {"step": 1})
+    assert stat.S_IMODE((tmp_path / "bob").stat().st_mode) == 0o700
+
+
+def test_a_ledger_from_before_the_relation_was_recorded_reads_as_add_remove(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    with Ledger(path) as ledger:
+        ledger.append(_entry(1))
+        body = json.loads(ledger._db.execute("SELECT body FROM entries").fetchone()[0])
+    assert body["relation"] == ADD_REMOVE  # _entry() leaves the legacy default
+    del body["relation"]
+    assert Entry(**body).relation == ADD_REMOVE
 
 
 def _entry(i: int) -> Entry:

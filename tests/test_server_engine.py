@@ -25,11 +25,12 @@ A, B = "m.lora_A.weight", "m.lora_B.weight"
 START = {A: np.full((2, 4), 0.5, np.float32), B: np.zeros((4, 2), np.float32)}
 ROUND_LINE = {"round", "eval_loss", "perplexity", "token_accuracy", "epsilon", "delta",
               "central_epsilon", "round_seconds", "bytes_up", "bytes_down", "clients",
-              "dropouts", "failures", "skipped", "energy_j", "loss_drop_per_kj"}
+              "dropouts", "failures", "skipped", "energy_j", "loss_drop_per_kj",
+              "privacy_flags"}
 CLIENT_ROW = {"client", "status", "epsilon", "delta", "budget_epsilon", "num_examples",
               "train_seconds", "eval_seconds", "noise_multiplier", "sample_rate", "steps",
               "energy_j", "energy_method", "peak_rss_mb", "bytes_up", "eval_loss",
-              "quantization", "bytes_down", "samples_per_second"}
+              "quantization", "bytes_down", "samples_per_second", "stats_released"}
 
 
 class Clients:
@@ -228,3 +229,75 @@ def test_nothing_in_the_server_branches_on_a_strategy_name_outside_strategies():
         if path.name != "strategies.py":
             text = path.read_text()
             assert not [s for s in ('"fedavg"', '"ffa-lora"', '"hetlora"') if s in text], path
+
+
+class Ledgers(Clients):
+    """Clients that report a ledger id and a cumulative ε of their own."""
+
+    def __init__(self, ledger, epsilon) -> None:
+        super().__init__()
+        self.ledger, self.epsilon = ledger, epsilon  # (node, round) -> id / ε
+
+    def _reply(self, msg, node, arrays, metrics, status="ok"):
+        rnd = dict(msg.content[wire.CONFIG])[wire.SERVER_ROUND]
+        reply = super()._reply(msg, node, arrays, metrics, status)
+        reply.content[wire.INFO][wire.LEDGER_ID] = self.ledger(node, rnd)
+        reply.content[wire.METRICS][wire.EPSILON] = self.epsilon(node, rnd)
+        return reply
+
+
+def test_a_replaced_ledger_and_a_falling_epsilon_are_flagged(tmp_path):
+    """Node 1's ledger is deleted after round 1 (a new id, ε from 0 again); node 2 reports
+    less ε than before with the same ledger. Node 0 is honest."""
+    clients = Ledgers(ledger=lambda n, r: f"id-{n}-new" if n == 1 and r >= 2 else f"id-{n}",
+                      epsilon=lambda n, r: 0.2 if n == 1 and r >= 2 else
+                      (0.1 if n == 2 and r >= 2 else 0.5 * r))
+    said: list[str] = []
+    run_dir = run(tmp_path, clients, echo=said.append)
+    lines = read_metrics(run_dir)
+    assert lines[1]["privacy_flags"] == []
+    flags = {f["client"]: f["problem"] for f in lines[2]["privacy_flags"]}
+    assert set(flags) == {"client-1", "client-2"}
+    assert flags["client-1"].startswith("new privacy ledger (id id-1-new, ε=0.2000) while "
+                                        "this server saw ε=0.5000 from ledger id-1")
+    assert flags["client-2"].startswith("cumulative ε went down from 0.5000")
+    assert "PRIVACY FLAGS: 2" in said[-1]
+    state, _ = load_checkpoint(run_dir)
+    assert state["spend"]["client-1"]["ledger_id"] == "id-1-new"  # kept for a resume
+
+
+def test_the_server_remembers_spend_across_runs(tmp_path):
+    """A deployment's next run: node 0 comes back with a new ledger at ε=0."""
+    run(tmp_path, Ledgers(ledger=lambda n, r: f"id-{n}", epsilon=lambda n, r: 0.5 * r))
+    registry = json.loads((tmp_path / ".privacy-spend.json").read_text())
+    assert registry["client-0"]["epsilon"] == 1.0
+    (tmp_path / "run").rename(tmp_path / "first")
+    again = Ledgers(ledger=lambda n, r: "fresh" if n == 0 else f"id-{n}",
+                    epsilon=lambda n, r: 1.0 + 0.5 * r if n else 0.5 * r)
+    lines = read_metrics(run(tmp_path, again, **{"num-server-rounds": 1}))
+    assert [f["client"] for f in lines[0]["privacy_flags"]] == ["client-0"]
+    assert "from ledger id-0 (run run round 2)" in lines[0]["privacy_flags"][0]["problem"]
+
+
+def test_a_simulation_with_ledgers_in_the_run_keeps_no_registry(tmp_path):
+    config = validate({"num-clients": 2, "num-server-rounds": 1, "node-wait": 1.0,
+                       "round-timeout": 5.0})
+    clients = Ledgers(ledger=lambda n, r: f"id-{n}", epsilon=lambda n, r: 0.5 * r)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_federation(FakeGrid([0, 1], clients), config, run_dir, echo=lambda _: None,
+                   simulation=True)
+    assert not (tmp_path / ".privacy-spend.json").exists()
+    assert json.loads((run_dir / "config.json").read_text())["ledgers"] == "local"
+
+
+def test_a_client_without_its_ledger_is_flagged_at_once(tmp_path):
+    """Round 0's evaluation already tells: a client the server saw spend now has none."""
+    run(tmp_path, Ledgers(ledger=lambda n, r: f"id-{n}", epsilon=lambda n, r: 0.5 * r))
+    (tmp_path / "run").rename(tmp_path / "first")
+    gone = Ledgers(ledger=lambda n, r: "" if n == 2 and r == 0 else f"id-{n}",
+                   epsilon=lambda n, r: 0.0 if n == 2 and r == 0 else 1.0 + 0.5 * r)
+    lines = read_metrics(run(tmp_path, gone, **{"num-server-rounds": 1}))
+    (flag,) = lines[0]["privacy_flags"]
+    assert flag["client"] == "client-2"
+    assert flag["problem"].startswith("no privacy ledger while this server saw ε=1.0000")

@@ -226,7 +226,9 @@ def test_central_dp_noise_is_seeded_per_round_and_charged_before_release(tmp_pat
     assert np.array_equal(out[A], a)  # FFA-LoRA: A is never sent, never noised
     [entry] = dp.ledger.entries()
     assert (entry.client, entry.round, entry.sample_rate, entry.steps) == (SERVER_CLIENT, 4, 1.0, 1)
-    assert entry.epsilon == dp.privacy_spent() == epsilon([(1.5, 1.0, 1)], 1e-5, "rdp")
+    assert entry.epsilon == dp.privacy_spent() == epsilon([(1.5, 1.0, 1)], 1e-5, "rdp",
+                                                          "add-remove")
+    assert entry.relation == "add-remove"  # user level: a whole client added or removed
     dp.close()
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import psutil
 import pytest
 
+from contracts.rundir import run_dirs
 from privacy.ledger import Ledger
 
 RUN_KEYS = {"round", "eval_loss", "perplexity", "token_accuracy", "epsilon", "delta",
@@ -154,7 +155,7 @@ def test_flwr_run_on_a_local_superlink(tiny_model, text_clients, tmp_path):
     out = flwr_run("")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "flwr run status: finished:completed" in out.stdout
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run_dir,) = run_dirs(tmp_path / "runs")
     rounds = [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [0, 1]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
@@ -177,8 +178,8 @@ def test_budgets_central_dp_and_audit_in_a_run(tiny_model, text_clients, tmp_pat
     earlier = (0.7, 0.1, 60)
     spent = epsilon([earlier], 1e-5)
     with Ledger(state / "client-0" / "ledger.sqlite") as ledger:
-        ledger.append(Entry("an-earlier-run", 1, "client-0", "fp", *earlier, 1e-5, "rdp", spent,
-                            "t", budget_epsilon=spent + 0.5))
+        ledger.append(Entry("an-earlier-run", 1, "client-0", "fp", *earlier, 1e-5, "pld", spent,
+                            "t", budget_epsilon=spent + 0.5, relation="replace-one"))
     out = _fedslm(["simulate", "--clients", "2", "--rounds", "2", "--local-steps", "3",
                    "--out", str(tmp_path / "runs"), "--set", f"model={tiny_model}",
                    "--set", f"data={text_clients}", "--set", "seq-len=32",

@@ -60,7 +60,8 @@ def test_the_worker_serves_rounds_with_one_model(running_worker, tiny_model, tex
     status, (initial, metrics, info) = worker.call(str(address), worker.EVALUATE, config,
                                                    node, {})
     assert status == worker.OK and info["client"] == "client-1"
-    assert initial and metrics["eval-tokens"] > 0
+    assert initial and metrics["num-examples"] > 0
+    assert "eval-tokens" not in metrics  # a device keeps its held-out sums by default
     status, (update, metrics, _) = worker.call(str(address), worker.TRAIN,
                                                {**config, "server-round": 1}, node, initial)
     assert status == worker.OK and update and metrics["steps"] > 0
@@ -72,8 +73,10 @@ def test_the_worker_serves_rounds_with_one_model(running_worker, tiny_model, tex
         worker.call(str(address), "predict", config, node, {})
     with pytest.raises(worker.WorkerError, match="seq-len"):  # a bad config: one line
         worker.call(str(address), worker.EVALUATE, {**config, "seq-len": -1}, node, {})
-    status, _ = worker.call(str(address), worker.EVALUATE, config, node, initial)
+    status, (_, metrics, _) = worker.call(str(address), worker.EVALUATE, config,
+                                          {**node, "release-stats": True}, initial)
     assert status == worker.OK  # errors leave the worker serving
+    assert metrics["eval-tokens"] > 0  # its owner chose to release them
     assert log().count("model loaded (load #") == 1  # one load for every request
     worker.call(str(address), worker.EVALUATE, {**config, "lora-r": 2}, node, {})
     assert "model loaded (load #2)" in log()  # another model key: loaded again
