@@ -108,7 +108,7 @@ class Session:
         model_key = (s.model, s.quantization, s.device, s.lora_r, s.lora_alpha, s.lora_dropout,
                      s.lora_targets, s.lora_layers, s.seed, threads, s.strategy)
         data_key = (s.data, s.partition, s.seq_len, s.max_eval_seqs, s.canary_file, s.client,
-                    s.frozen_cache)
+                    s.frozen_cache, s.completion_only)
         key = (model_key, data_key, s.device_profile)
         if cls._current is not None and cls._current.key == key:
             return cls._current
@@ -184,7 +184,8 @@ def load_data(s: ClientSettings, tokenizer: Any
               ) -> tuple[str, data_mod.Examples, data_mod.Examples]:
     """This client's name and its (train, held-out) examples."""
     part = data_mod.partition(s.data, s.partition)
-    train_set, heldout = data_mod.encode(part, tokenizer, s.seq_len, s.max_eval_seqs)
+    train_set, heldout = data_mod.encode(part, tokenizer, s.seq_len, s.max_eval_seqs,
+                                         s.completion_only)
     if s.canary_file:  # an empirical privacy audit (simulations/canaries.py)
         canaries = data_mod.planted_canaries(s.canary_file, s.partition, tokenizer, s.seq_len)
         if canaries is not None:

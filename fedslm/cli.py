@@ -37,6 +37,10 @@ COMMANDS = (
             "their trade-off)", commands.report_arguments, commands.report),
     Command("compare", "a table of runs side by side", commands.compare_arguments,
             commands.compare),
+    Command("generate", "answer a prompt with a run's adapter on its base model (streamed; "
+            "greedy unless --temperature)", commands.generate_arguments, commands.generate),
+    Command("export", "merge a run's adapter into its base: a Hugging Face folder or a GGUF "
+            "file (f16, q8_0, q4_0)", commands.export_arguments, commands.export),
     Command("certs", "create a CA, the SuperLink's TLS certificate and SuperNode key pairs",
             commands.certs_arguments, commands.certs),
     Command("superlink", "start Flower's SuperLink with TLS and SuperNode authentication",

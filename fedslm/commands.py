@@ -86,6 +86,46 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run directory (its adapter on its base model)")
+    p.add_argument("--prompt", required=True, help="the user's message")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy, the same answer every time (default); > 0: sampled")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with a "
+                   "temperature)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampling")
+    p.add_argument("--no-chat", action="store_true",
+                   help="the prompt as raw text, not a user turn of the chat template")
+
+
+def generate(args: argparse.Namespace) -> int:
+    from client.generate import generate as answer
+    from client.generate import load_run_model
+
+    model, tokenizer = load_run_model(Path(args.run))
+    answer(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+           temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+           chat=not args.no_chat, out=sys.stdout)
+    return 0
+
+
+def export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run directory (its adapter on its base model)")
+    p.add_argument("--to", required=True, help="a new (or empty) folder")
+    p.add_argument("--format", default="safetensors", choices=("safetensors", "gguf"),
+                   help="a Hugging Face folder, or a GGUF file for llama.cpp")
+    p.add_argument("--quant", default="q8_0", choices=("f16", "q8_0", "q4_0"),
+                   help="GGUF weight type (1-D tensors stay f32)")
+
+
+def export(args: argparse.Namespace) -> int:
+    from client.export import export as write
+
+    print(write(Path(args.run), Path(args.to), args.format, args.quant))
+    return 0
+
+
 def certs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", help="new folder for the certificates and keys")
     p.add_argument("--address", action="append", default=[],

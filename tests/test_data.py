@@ -48,7 +48,7 @@ def test_jsonl_records_are_examples_and_group_by_client(tmp_path):
     train, heldout = data_mod.encode(parts[0], CharTokenizer(), 8, max_heldout=100)
     assert (len(train), len(heldout)) == (18, 2)  # 20 records, one example each, truncated
     path.write_text('{"text": "ok"}\n{"txt": "bad"}\n')
-    with pytest.raises(data_mod.DataError, match=r"d.jsonl:2: expected a JSON object"):
+    with pytest.raises(data_mod.DataError, match=r"d.jsonl:2: expected \"text\", \"prompt\""):
         data_mod.partitions(str(path))
 
 
