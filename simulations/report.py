@@ -64,6 +64,8 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
 def _fmt(key: str, value: Any, digits: int = 2) -> str:
     if key == "epsilon":
         return format_epsilon(value, digits)
+    if value is None:
+        return "-"  # kept on the devices (release-stats), or never measured
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 

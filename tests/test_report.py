@@ -46,6 +46,21 @@ def test_compare_prints_one_row_per_run(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "nope")]) == 2
 
 
+def test_a_deployment_whose_devices_keep_their_stats_reports_and_compares(tmp_path, capsys):
+    """release-stats=false on every device: no held-out metrics, no energy, no seconds."""
+    run = fake_run(tmp_path / "private")
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        line.update(eval_loss=None, perplexity=None, token_accuracy=None, energy_j=None)
+        for c in line["clients"]:
+            c.update(train_seconds=None, energy_j=None, peak_rss_mb=None)
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert main(["report", str(run)]) == 0
+    assert (run / "report" / "accuracy.png").is_file()
+    assert main(["compare", str(run)]) == 0
+    assert "| private | 3 | 6.00 | - | - | - | 0.00 |" in capsys.readouterr().out
+
+
 def test_report_writes_a_page_whose_images_all_load_in_chromium(tmp_path, capsys):
     a, b = fake_run(tmp_path / "run-a"), fake_run(tmp_path / "run-b", dp=False)
     assert main(["report", str(a), str(b)]) == 0
