@@ -64,9 +64,11 @@ def _worker(context: Context) -> str:
     return str(context.node_config.get("worker", "") or "")
 
 
-def _in_worker(kind: str, msg: Message, context: Context) -> tuple[str, object]:
-    return worker_mod.call(_worker(context), kind, dict(msg.content[CONFIG]),
-                           dict(context.node_config), _arrays(msg))
+def _round(kind: str, msg: Message, context: Context) -> tuple[str, object]:
+    """("ok", reply body) or ("dropout", reason): from the node's worker, or run here."""
+    request = (kind, dict(msg.content[CONFIG]), dict(context.node_config), _arrays(msg))
+    address = _worker(context)
+    return worker_mod.call(address, *request) if address else worker_mod.run_round(*request)
 
 
 def _dropped(msg: Message, reason: str) -> Message:
@@ -76,20 +78,10 @@ def _dropped(msg: Message, reason: str) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    if _worker(context):
-        status, body = _in_worker(worker_mod.TRAIN, msg, context)
-        if status == worker_mod.DROPOUT:
-            return _dropped(msg, str(body))
-        arrays, metrics, info = body
-    else:
-        from client.rounds import simulated_dropout, train_round
-        from client.settings import ClientSettings
-
-        settings = ClientSettings.from_records(dict(msg.content[CONFIG]),
-                                               dict(context.node_config))
-        if simulated_dropout(settings):
-            return _dropped(msg, worker_mod.dropout_reason(settings.dropout_rate))
-        arrays, metrics, info = train_round(settings, _arrays(msg))
+    status, body = _round(worker_mod.TRAIN, msg, context)
+    if status == worker_mod.DROPOUT:
+        return _dropped(msg, str(body))
+    arrays, metrics, info = body
     content = RecordDict({
         ARRAYS: to_record(arrays),
         METRICS: MetricRecord(metrics),
@@ -100,15 +92,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    if _worker(context):
-        _, (initial, metrics, info) = _in_worker(worker_mod.EVALUATE, msg, context)
-    else:
-        from client.rounds import evaluate_round
-        from client.settings import ClientSettings
-
-        settings = ClientSettings.from_records(dict(msg.content[CONFIG]),
-                                               dict(context.node_config))
-        initial, metrics, info = evaluate_round(settings, _arrays(msg))
+    _, (initial, metrics, info) = _round(worker_mod.EVALUATE, msg, context)
     content = RecordDict({METRICS: MetricRecord(metrics), INFO: ConfigRecord(info)})
     if initial:  # round 0: the seeded, data-independent initial adapter
         content[ARRAYS] = to_record(initial)

@@ -46,8 +46,8 @@ class DataError(FedslmError):
 @dataclass(frozen=True)
 class Partition:
     client: str
-    texts: tuple[str | Record, ...]  # records: a bare string is a {"text": ...} record
-    records: bool  # True: each text is one example; False: free text, cut into windows
+    texts: tuple[str, ...] | tuple[Record, ...]  # free text, or records (client/records.py)
+    records: bool  # True: each record is one example; False: free text, cut into windows
 
 
 @dataclass(frozen=True)
@@ -224,8 +224,7 @@ def _rows(part: Partition, tokenizer, seq_len: int, completion_only: bool = True
     return [(r, [True] * len(r)) for r in rows if len(r) >= 2]  # a loss needs two tokens
 
 
-def _record_row(record: str | Record, tokenizer: Any, completion_only: bool) -> Row:
-    record = records.Text(record) if isinstance(record, str) else record
+def _record_row(record: Record, tokenizer: Any, completion_only: bool) -> Row:
     try:
         segments = record.segments(tokenizer)
     except records.RecordError as exc:
@@ -274,7 +273,8 @@ def planted_canaries(path: str, partition: int, tokenizer: Any, seq_len: int) ->
     planted = json.loads(Path(path).read_text())
     if planted["partition"] != partition:
         return None
-    texts = tuple(c["prefix"] + c["secret"] for c in planted["canaries"] if c["included"])
+    texts = tuple(records.Text(c["prefix"] + c["secret"])
+                  for c in planted["canaries"] if c["included"])
     return encode_all(Partition("canaries", texts, records=True), tokenizer, seq_len) \
         if texts else None
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,15 @@ def export(run_dir: Path, to: Path, fmt: str = "safetensors", quant: str = "q8_0
     if to.exists() and any(to.iterdir()):
         raise ExportError(f"{to} exists and is not empty: export to a new folder")
     merged, tokenizer = merged_model(run_dir)
-    hf_dir = to if fmt == "safetensors" else to / "hf"
-    merged.save_pretrained(hf_dir)
-    tokenizer.save_pretrained(hf_dir)
     if fmt == "safetensors":
-        return hf_dir
+        merged.save_pretrained(to)
+        tokenizer.save_pretrained(to)
+        return to
     out = to / f"{run_dir.resolve().name}-{quant}.gguf"
-    write_gguf(merged, hf_dir, out, quant)
+    to.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as files:  # gguf's readers take tokenizer files
+        tokenizer.save_pretrained(files)
+        write_gguf(merged, Path(files), out, quant)
     return out
 
 

@@ -87,11 +87,24 @@ def call(address: str, kind: str, config: dict[str, Any], node_config: dict[str,
 
 # --- the worker's side ------------------------------------------------------------------
 
-def handle(request: Any) -> tuple[str, Any]:
-    """One request's reply; never raises."""
+def run_round(kind: str, config: dict[str, Any], node_config: dict[str, Any],
+               arrays: dict[str, Any]) -> tuple[str, Any]:
+    """Run a train or evaluate round in this process: ("ok", (arrays, metrics, info)) or
+    ("dropout", reason). The worker's requests and the ClientApp's own rounds (no worker)
+    both come here; errors are raised."""
     from client.rounds import evaluate_round, simulated_dropout, train_round
     from client.settings import ClientSettings
 
+    settings = ClientSettings.from_records(dict(config), dict(node_config))
+    if kind == EVALUATE:
+        return OK, evaluate_round(settings, dict(arrays))
+    if simulated_dropout(settings):  # an error reply, as from a device that failed
+        return DROPOUT, dropout_reason(settings.dropout_rate)
+    return OK, train_round(settings, dict(arrays))
+
+
+def handle(request: Any) -> tuple[str, Any]:
+    """One request's reply; never raises."""
     try:
         kind, config, node_config, arrays = request
     except (TypeError, ValueError):
@@ -99,12 +112,7 @@ def handle(request: Any) -> tuple[str, Any]:
     if kind not in (TRAIN, EVALUATE):
         return ERROR, f"unknown request kind {kind!r} (expected {TRAIN!r} or {EVALUATE!r})"
     try:
-        settings = ClientSettings.from_records(dict(config), dict(node_config))
-        if kind == TRAIN:
-            if simulated_dropout(settings):  # an error reply, as from a device that failed
-                return DROPOUT, dropout_reason(settings.dropout_rate)
-            return OK, train_round(settings, dict(arrays))
-        return OK, evaluate_round(settings, dict(arrays))
+        return run_round(kind, config, node_config, arrays)
     except FedslmError as exc:
         log.warning("%s failed: %s", kind, _one_line(exc))
         return ERROR, _one_line(exc)

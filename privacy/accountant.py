@@ -32,7 +32,6 @@ import numpy as np
 
 Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 REPLACE_ONE, ADD_REMOVE = "replace-one", "add-remove"
-RELATIONS = (REPLACE_ONE, ADD_REMOVE)
 ACCOUNTANTS = {
     REPLACE_ONE: ("pld", "fft"),
     ADD_REMOVE: ("rdp", "prv", "dp-accounting-rdp", "pld", "fft"),

@@ -21,6 +21,7 @@ import torch
 
 from client import base_model as model_mod
 from client import data as data_mod
+from client import records
 from client.evaluation import per_example_loss
 from contracts.environment import default_cache_dir
 from contracts.rundir import AUDIT, CANARIES, EMPIRICAL, read_metrics
@@ -98,7 +99,8 @@ def score(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
 def _encode(texts: list[str], tokenizer) -> data_mod.Examples:
     """Canaries padded to the longest one only: scoring costs what the canaries need."""
     longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
-    part = data_mod.Partition("canaries", tuple(texts), records=True)
+    part = data_mod.Partition("canaries", tuple(records.Text(t) for t in texts),
+                              records=True)
     return data_mod.encode_all(part, tokenizer, longest)
 
 
