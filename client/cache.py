@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from client import data as data_mod
-from client import frozen_prefix
+from client import frozen_prefix, tasks
 from client.adapter import adapter_config_json, attach_for_strategy
 from client.base_model import (
     EMBEDDED,
@@ -50,6 +50,7 @@ class ClientData:
     client: str
     train: data_mod.Examples
     heldout: data_mod.Examples
+    task: tasks.EncodedTask | None = None  # the items of `eval-task` this client evaluates
 
 
 @dataclass
@@ -83,6 +84,14 @@ class Session:
         return self.data.heldout
 
     @property
+    def task(self) -> tasks.EncodedTask | None:
+        return self.data.task
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    @property
     def on_gpu(self) -> bool:
         return next(self.model.parameters()).device.type == "cuda"
 
@@ -108,7 +117,7 @@ class Session:
         model_key = (s.model, s.quantization, s.device, s.lora_r, s.lora_alpha, s.lora_dropout,
                      s.lora_targets, s.lora_layers, s.seed, threads, s.strategy)
         data_key = (s.data, s.partition, s.seq_len, s.max_eval_seqs, s.canary_file, s.client,
-                    s.frozen_cache, s.completion_only)
+                    s.frozen_cache, s.completion_only, s.eval_task, s.max_task_items)
         key = (model_key, data_key, s.device_profile)
         if cls._current is not None and cls._current.key == key:
             return cls._current
@@ -141,10 +150,12 @@ class Session:
             train_set, heldout = train_set.to(device), heldout.to(device)
             if s.frozen_cache:
                 train_set, heldout = with_frozen_prefix(loaded.model, name, train_set, heldout)
-            cls._data[data_key] = ClientData(name, train_set, heldout)
+            task = load_task(s, name, loaded.tokenizer)
+            cls._data[data_key] = ClientData(name, train_set, heldout, task)
             quant = loaded.quantization
-            log.info("client %s: %d train / %d held-out sequences, quantization %s (%s)",
-                     name, len(train_set), len(heldout), quant.mode, quant.reason)
+            log.info("client %s: %d train / %d held-out sequences%s, quantization %s (%s)",
+                     name, len(train_set), len(heldout),
+                     f", {len(task)} task items" if task else "", quant.mode, quant.reason)
         return cls._data[data_key]
 
     def energy_meter(self) -> EnergyMeter:
@@ -178,6 +189,21 @@ def with_frozen_prefix(model: Any, client: str, *sets: data_mod.Examples
              frozen_prefix.describe(layer, total, len(sets[0]), len(sets[-1])),
              sum(e.prefix.numel() * e.prefix.element_size() for e in out) / 1e6)
     return out
+
+
+def load_task(s: ClientSettings, name: str, tokenizer: Any) -> tasks.EncodedTask | None:
+    """The items of `eval-task` this client evaluates (named by its node or its data
+    partition), tokenised; None without a task. TaskError for a bad task file."""
+    if not s.eval_task:
+        return None
+    partition_name = data_mod.partition(s.data, s.partition).client
+    items = tasks.load(s.eval_task, {name, partition_name})
+    if s.max_task_items:
+        items = items[:s.max_task_items]
+    if not items:
+        log.warning("client %s: task %s has no items for this client", name, s.eval_task)
+        return None
+    return tasks.encode(items, tokenizer)
 
 
 def load_data(s: ClientSettings, tokenizer: Any

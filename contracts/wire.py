@@ -27,6 +27,12 @@ EVAL_LOSS_SUM = "eval-loss-sum"
 EVAL_TOKENS = "eval-tokens"
 EVAL_CORRECT = "eval-correct"
 EVAL_SECONDS = "eval-seconds"
+TASK_CHOICE_ITEMS = "task-choice-items"  # task evaluation (client/tasks.py): sums
+TASK_CHOICE_CORRECT = "task-choice-correct"
+TASK_CHOICE_CORRECT_NORM = "task-choice-correct-norm"
+TASK_ANSWER_ITEMS = "task-answer-items"
+TASK_EXACT = "task-exact"
+TASK_F1_SUM = "task-f1-sum"
 # info (strings)
 CLIENT = "client"
 STATUS = "status"
@@ -62,6 +68,10 @@ RELEASES = {
     PEAK_RSS_MB: OWNER_RELEASED, EVAL_SECONDS: OWNER_RELEASED,
     # exact sums over the owner's held-out records
     EVAL_LOSS_SUM: OWNER_RELEASED, EVAL_TOKENS: OWNER_RELEASED, EVAL_CORRECT: OWNER_RELEASED,
+    # exact counts over the owner's task items (its evaluation data may be private too)
+    TASK_CHOICE_ITEMS: OWNER_RELEASED, TASK_CHOICE_CORRECT: OWNER_RELEASED,
+    TASK_CHOICE_CORRECT_NORM: OWNER_RELEASED, TASK_ANSWER_ITEMS: OWNER_RELEASED,
+    TASK_EXACT: OWNER_RELEASED, TASK_F1_SUM: OWNER_RELEASED,
 }
 
 

@@ -24,8 +24,21 @@ def summary_line(line: dict[str, Any], num_rounds: int) -> str:
     held_out = "held-out metrics kept on the devices" if loss is None or math.isnan(loss) \
         else (f"loss {loss:.3f}  ppl {line['perplexity']:.1f}  "
               f"acc {line['token_accuracy']:.3f}")
+    held_out += task_text(line)
     return (
         f"round {line['round']}/{num_rounds}  {held_out}  {eps_text}  "
         f"{line['round_seconds']:.1f}s  up {line['bytes_up'] / 1e6:.2f} MB  "
         f"down {line['bytes_down'] / 1e6:.2f} MB{extra}"
     )
+
+
+def task_text(line: dict[str, Any]) -> str:
+    """The task's figures of a round line ("" without a task)."""
+    text = ""
+    if line.get("task_items"):
+        text += (f"  task acc {line['task_accuracy']:.3f} (norm "
+                 f"{line['task_accuracy_norm']:.3f}, {line['task_items']} items)")
+    if line.get("task_answers"):
+        text += (f"  task EM {line['task_exact_match']:.3f} F1 {line['task_f1']:.3f} "
+                 f"({line['task_answers']} answers)")
+    return text

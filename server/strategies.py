@@ -48,6 +48,12 @@ from contracts.wire import (
     METRICS,
     NUM_EXAMPLES,
     SERVER_ROUND,
+    TASK_ANSWER_ITEMS,
+    TASK_CHOICE_CORRECT,
+    TASK_CHOICE_CORRECT_NORM,
+    TASK_CHOICE_ITEMS,
+    TASK_EXACT,
+    TASK_F1_SUM,
 )
 from server.nodes import NodePool
 from server.replies import from_record, to_record
@@ -100,7 +106,9 @@ def hetlora(updates: Sequence[Update], rank: int) -> Arrays:
 
 def evaluation(metrics: Sequence[MetricRecord]) -> MetricRecord:
     """Held-out loss, perplexity and token accuracy over every evaluated token of the
-    clients that released their sums (NaN when none did)."""
+    clients that released their sums (NaN when none did); and, where clients evaluated a
+    task, its accuracy over every item."""
+    task = task_metrics(metrics)
     metrics = [m for m in metrics if EVAL_TOKENS in m]
     tokens = sum(m[EVAL_TOKENS] for m in metrics)
     loss = sum(m[EVAL_LOSS_SUM] for m in metrics) / tokens if tokens else math.nan
@@ -108,7 +116,24 @@ def evaluation(metrics: Sequence[MetricRecord]) -> MetricRecord:
         "eval_loss": loss,
         "perplexity": math.exp(loss) if loss < 700 else math.inf,
         "token_accuracy": sum(m[EVAL_CORRECT] for m in metrics) / tokens if tokens else 0,
+        **task,
     })
+
+
+def task_metrics(metrics: Sequence[MetricRecord]) -> dict[str, float]:
+    """Task accuracy (and normalised) over every multiple-choice item, exact match and F1
+    over every short answer, with the item counts; {} when no client released any."""
+    def total(key: str) -> float:
+        return sum(m.get(key, 0) for m in metrics)
+
+    out: dict[str, float] = {}
+    if items := total(TASK_CHOICE_ITEMS):
+        out.update(task_items=int(items), task_accuracy=total(TASK_CHOICE_CORRECT) / items,
+                   task_accuracy_norm=total(TASK_CHOICE_CORRECT_NORM) / items)
+    if answers := total(TASK_ANSWER_ITEMS):
+        out.update(task_answers=int(answers), task_exact_match=total(TASK_EXACT) / answers,
+                   task_f1=total(TASK_F1_SUM) / answers)
+    return out
 
 
 STRATEGIES: dict[str, type[AdapterStrategy]] = {}

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from client import tasks
 from client.base_model import ModelError, check_lora_targets, check_model, prepare_base
 from client.data import DataError, partitions
 from client.profiles import profile
@@ -30,6 +31,7 @@ def preflight(config: dict[str, Any]) -> None:
             f"num-clients={config['num-clients']} but data {config['data']!r} has only "
             f"{len(parts)} client partitions"
         )
+    tasks.check(config["eval-task"])
     cache = Path(config["cache-dir"]) if config["cache-dir"] else None
     source = prepare_base(config["model"], cache)  # builds the cache once, not per client
     check_model(source)

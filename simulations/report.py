@@ -1,9 +1,9 @@
 """`fedslm report`: a static HTML page with PNG plots of one or more runs.
 
 Written to <first run>/report/index.html; it needs no network to open. Plots:
-held-out loss and perplexity per round, ε per client against its budget, energy
-per client and round, bytes per round, and (for several runs) the
-privacy-utility-energy trade-off.
+held-out loss and perplexity per round, task accuracy per round (with a task), ε per
+client against its budget, energy per client and round, bytes per round, and (for
+several runs) the privacy-utility-energy trade-off.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from client.shakespeare import CHANCE as SHIPPED_CHANCE
+from client.shakespeare import TASK as SHIPPED_TASK
 from contracts import rundir
 from contracts.errors import FedslmError
 from contracts.wire import format_epsilon
@@ -52,6 +54,8 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
         "ppl_start": first["perplexity"],
         "ppl_final": last["perplexity"],
         "token_accuracy": last["token_accuracy"],
+        "task_start": first.get("task_accuracy"),
+        "task_final": last.get("task_accuracy"),
         "energy_kj": energy / 1e3,
         "mb_up": sum(r["bytes_up"] for r in run["rounds"]) / 1e6,
         "mb_down": sum(r["bytes_down"] for r in run["rounds"]) / 1e6,
@@ -71,6 +75,7 @@ def _fmt(key: str, value: Any, digits: int = 2) -> str:
 
 COLUMNS = [("run", "run"), ("rounds", "rounds"), ("epsilon", "ε"), ("ppl_start", "ppl round 0"),
            ("ppl_final", "ppl final"), ("token_accuracy", "accuracy"),
+           ("task_start", "task acc round 0"), ("task_final", "task acc final"),
            ("energy_kj", "energy kJ"), ("mb_up", "MB up"), ("mb_down", "MB down"),
            ("minutes", "minutes")]
 
@@ -108,6 +113,9 @@ def _plots(runs: list[dict[str, Any]], folder: Path) -> list[tuple[str, str]]:
     twin.set_ylabel("perplexity", color="tab:orange")
     save(fig, "accuracy.png", "Held-out loss (blue) and perplexity (orange) per round; "
                               "round 0 is the base model.")
+
+    if any(r.get("task_items") or r.get("task_answers") for r in main):
+        save(*_task_plot(plt, runs[0]))
 
     fig, ax = plt.subplots(figsize=(6, 3.4))
     clients = sorted({c["client"] for r in main for c in r["clients"]})
@@ -165,6 +173,25 @@ def _plots(runs: list[dict[str, Any]], folder: Path) -> list[tuple[str, str]]:
     return made
 
 
+def _task_plot(plt, run: dict[str, Any]) -> tuple[Any, str, str]:
+    main = run["rounds"]
+    rounds = [r["round"] for r in main]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for key, style, label in (("task_accuracy", "o-", "accuracy"),
+                              ("task_accuracy_norm", "s--", "accuracy, per byte"),
+                              ("task_exact_match", "^-", "exact match"),
+                              ("task_f1", "v--", "token F1")):
+        if any(r.get(key) is not None for r in main):
+            ax.plot(rounds, [_num(r.get(key)) for r in main], style, label=label)
+    caption = f"Task {run['config'].get('eval-task')}, per round; round 0 is the base model."
+    if run["config"].get("eval-task") == SHIPPED_TASK:
+        ax.axhline(SHIPPED_CHANCE, color="grey", linestyle=":", label="chance")
+        caption += f" Chance: {SHIPPED_CHANCE:.2f} (four plays, balanced)."
+    ax.set(xlabel="round", ylabel="task score", xticks=rounds, ylim=(0, 1))
+    ax.legend(fontsize=7)
+    return fig, "task.png", caption
+
+
 def write_report(run_dirs: list[Path], folder: Path | None = None,
                  labels: list[str] | None = None) -> Path:
     """The page for these runs in `folder` (default: the first run's report/); `labels`
@@ -199,9 +226,10 @@ img {{ width: 100%; }} figcaption {{ font-size: 0.85em; color: #555; }}
 </style></head>
 <body data-images-total="0" data-images-loaded="0">
 <h1>fedslm run {title}</h1>
-<p>ε: the largest cumulative ε of any client (sample-level DP, RDP accountant), ∞ without
-DP. Perplexity: exp(held-out next-token loss), pooled over the clients' held-out data.
-Energy: summed over clients and rounds; see each plot for how it was obtained.</p>
+<p>ε: the largest cumulative ε of any client (sample-level DP, replace-one, PLD
+accountant), ∞ without DP. Perplexity: exp(held-out next-token loss), pooled over the
+clients' held-out data. Energy: summed over clients and rounds; see each plot for how
+it was obtained.</p>
 <table><tr>{head}</tr>{body}</table>
 {figures}
 <script>

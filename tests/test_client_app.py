@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -25,7 +27,9 @@ SENT = {
 }
 OWNER = {"train": {"train-seconds", "cpu-seconds", "energy-j", "peak-rss-mb"},
          "evaluate": {"eval-loss-sum", "eval-tokens", "eval-correct", "eval-seconds",
-                      "energy-j", "peak-rss-mb"}}
+                      "energy-j", "peak-rss-mb", "task-choice-items", "task-choice-correct",
+                      "task-choice-correct-norm", "task-answer-items", "task-exact",
+                      "task-f1-sum"}}
 SENT.update({(kind, True): SENT[(kind, False)] | OWNER[kind] for kind in OWNER})
 
 
@@ -54,6 +58,10 @@ def test_replies_carry_only_declared_keys(tiny_model, text_clients, tmp_path, re
     Session.forget()
     config, context = _round(tiny_model, text_clients, tmp_path, partition=1)
     context.node_config["release-stats"] = release
+    task = tmp_path / "task.jsonl"  # evaluated too: its sums are the owner's to release
+    task.write_text(json.dumps({"prompt": "to be", "choices": ["or", "and"], "answer": 0})
+                    + "\n" + json.dumps({"prompt": "to be", "answer": "or"}) + "\n")
+    config["eval-task"] = str(task)
     reply = train(_message(MessageType.TRAIN, config), context)
     content = reply.content
     assert set(content.keys()) == {"arrays", "metrics", "info"}

@@ -105,7 +105,7 @@ def test_every_key_is_declared_once_with_help_a_check_and_a_scope():
     free_form = {"resume", "simulated-profiles", "lora-alpha", "canary-file", "state-root",
                  "seed", "reproducible", "cache-dir", "client", "state-dir", "num-partitions",
                  "dp", "central-dp", "frozen-cache", "worker", "release-stats",
-                 "completion-only-loss"}  # paths, names,
+                 "completion-only-loss", "eval-task"}  # paths, names,
     # seeds and booleans (their type is the check)
     for name, key in config.SCHEMA.items():
         assert key.help.strip(), name

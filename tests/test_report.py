@@ -58,7 +58,26 @@ def test_a_deployment_whose_devices_keep_their_stats_reports_and_compares(tmp_pa
     assert main(["report", str(run)]) == 0
     assert (run / "report" / "accuracy.png").is_file()
     assert main(["compare", str(run)]) == 0
-    assert "| private | 3 | 6.00 | - | - | - | 0.00 |" in capsys.readouterr().out
+    assert "| private | 3 | 6.00 | - | - | - | - | - | 0.00 |" in capsys.readouterr().out
+
+
+def test_a_run_with_a_task_plots_and_compares_its_accuracy(tmp_path, capsys):
+    run = fake_run(tmp_path / "task")
+    (run / "config.json").write_text(json.dumps({"run-id": "task", "dp": True,
+                                                 "eval-task": "plays"}))
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        line.update(task_items=160, task_accuracy=0.25 + 0.05 * line["round"],
+                    task_accuracy_norm=0.3)
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert main(["compare", str(run)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "task acc round 0 | task acc final" in out[0]
+    assert "| 0.25 | 0.40 |" in out[2]
+    assert main(["report", str(run)]) == 0
+    page = Path(capsys.readouterr().out.strip()).read_text()
+    assert '<img src="task.png"' in page and "Chance: 0.25" in page
+    assert (run / "report" / "task.png").stat().st_size > 5000
 
 
 def test_report_writes_a_page_whose_images_all_load_in_chromium(tmp_path, capsys):

@@ -50,14 +50,22 @@ def test_two_clients_two_rounds_write_the_run_directory(tiny_model, text_clients
 
     from client import base_model as model_mod
 
+    task = tmp_path / "task.jsonl"  # one item for every client, one for client-0 only
+    task.write_text("\n".join(json.dumps(item) for item in (
+        {"prompt": "to be", "choices": ["or", "and", "the"], "answer": "or"},
+        {"prompt": "what", "choices": ["a", "b"], "answer": 1, "client": "client-0"},
+        {"prompt": "to be or", "answer": ["not", "not to be"]})))
     start = time.time()
     out = _fedslm(["simulate", "--clients", "2", "--rounds", "2", "--local-steps", "3",
                    "--out", str(tmp_path / "runs"), "--set", f"model={tiny_model}",
                    "--set", f"data={text_clients}", "--set", "seq-len=32",
-                   "--set", "batch-size=4"], tmp_path / "cache")
+                   "--set", "batch-size=4", "--set", f"eval-task={task}",
+                   "--set", "task-max-new-tokens=3"], tmp_path / "cache")
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     assert [ln.split()[1] for ln in lines if ln.startswith("round ")] == ["0/2", "1/2", "2/2"]
+    assert all("task acc" in ln and "(norm" in ln and "3 items" in ln and "2 answers" in ln
+               for ln in lines if ln.startswith("round "))
     run_dir = Path(lines[-1])
     assert run_dir.parent == tmp_path / "runs"
 
@@ -75,6 +83,9 @@ def test_two_clients_two_rounds_write_the_run_directory(tiny_model, text_clients
             assert c["energy_method"].startswith(("measured:", "estimated:"))
             assert c["energy_j"] > 0
         assert m["epsilon"] == max(c["epsilon"] for c in m["clients"])
+        assert (m["task_items"], m["task_answers"]) == (3, 2)
+        assert all(0 <= m[k] <= 1 for k in ("task_accuracy", "task_accuracy_norm",
+                                            "task_exact_match", "task_f1"))
     assert metrics[0]["epsilon"] == 0 and metrics[0]["bytes_down"] == 0  # clients send the init
     assert 0 < metrics[1]["epsilon"] < metrics[2]["epsilon"] <= 8.0
     assert all(m["bytes_up"] > 0 and m["bytes_down"] > 0 for m in metrics[1:])
