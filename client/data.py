@@ -139,7 +139,7 @@ def _read(path: Path) -> str:
 
 def _jsonl(path: Path) -> list[Partition]:
     by_client: dict[str, list[Record]] = {}
-    for lineno, line in enumerate(_read(path).splitlines(), start=1):
+    for lineno, line in enumerate(_read(path).split("\n"), start=1):  # U+2028 is JSON
         if not line.strip():
             continue
         try:

@@ -79,20 +79,27 @@ def prompt(passage: str) -> str:
 
 @lru_cache(maxsize=1)
 def play_task() -> PlayTask:
-    names = tuple(f" {name}" for _, name in PLAYS)
+    """Questions take the names as choices; a training record answers with " " + name,
+    which is what scoring a choice after the prompt reads (client/tasks.py)."""
+    names = tuple(name for _, name in PLAYS)
     training: dict[str, list[tuple[str, str]]] = {shard_name(i): [] for i in range(SHARDS)}
-    questions = []
+    asked: dict[tuple[int, int], list[Question]] = {}  # (shard, play) -> its questions
     for answer, (play, _) in enumerate(PLAYS):
         kept = 0
         for p, passage in enumerate(_passages(play)[:PASSAGES_PER_PLAY]):
             if p % QUESTION_EVERY == QUESTION_EVERY - 1:
                 shard = (p // QUESTION_EVERY) % SHARDS
-                questions.append(Question(shard_name(shard), prompt(passage), names, answer))
+                asked.setdefault((shard, answer), []).append(
+                    Question(shard_name(shard), prompt(passage), names, answer))
             else:
-                training[shard_name(kept % SHARDS)].append((prompt(passage), names[answer]))
+                training[shard_name(kept % SHARDS)].append((prompt(passage), f" {names[answer]}"))
                 kept += 1
     for records in training.values():  # plays interleaved, as a shuffled dataset would be
         records.sort(key=lambda r: zlib.crc32(r[0].encode()))
+    # each shard's questions cycle through the plays, so any first 4k are balanced
+    questions = [q for shard in range(SHARDS)
+                 for round_ in zip(*(asked[(shard, a)] for a in range(len(PLAYS))), strict=True)
+                 for q in round_]
     return PlayTask(training, tuple(questions))
 
 

@@ -3,7 +3,7 @@
 A task is a .jsonl file, one item per line:
 - multiple choice: {"prompt": ..., "choices": [...], "answer": its index or its text},
   scored by the log-likelihood of each choice after the prompt (accuracy) and by that
-  log-likelihood per UTF-8 byte of the choice (normalised accuracy);
+  log-likelihood per character of the choice (normalised accuracy, the harness's acc_norm);
 - short answer: {"prompt": ..., "answer": "..." or ["...", ...]}, answered by greedy
   decoding up to a length cap and the first line break, scored by exact match and token
   F1 after SQuAD's normalisation (the best over the accepted answers).
@@ -15,6 +15,7 @@ Prompts are plain text (no chat template), as in the harness.
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from collections import Counter
@@ -66,8 +67,11 @@ def load(spec: str, clients: set[str]) -> list[Item]:
 
 
 def check(spec: str) -> None:
-    """TaskError unless `spec` is empty, the shipped task or a readable task file."""
-    if spec and spec != PLAYS:
+    """TaskError unless `spec` is empty, the shipped task (its data installed) or a
+    readable task file."""
+    if spec == PLAYS:
+        load(spec, set())
+    elif spec:
         read_file(spec)
 
 
@@ -79,7 +83,7 @@ def read_file(spec: str) -> list[tuple[Item, str | None]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise TaskError(f"cannot read task file {spec}: {exc}") from None
     out = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 is JSON
         if not line.strip():
             continue
         try:
@@ -96,8 +100,9 @@ def read_file(spec: str) -> list[tuple[Item, str | None]]:
 
 def parse(obj: Any) -> Item:
     """The item a decoded JSON line holds; TaskError saying what is wrong."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-        raise TaskError('an item needs "prompt" (a string)')
+    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) \
+            or not obj["prompt"].strip():
+        raise TaskError('an item needs "prompt" (a string that is not blank)')
     if "answer" not in obj:
         raise TaskError('an item needs "answer"')
     answer = obj["answer"]
@@ -151,11 +156,10 @@ class TaskSums:
 
 
 def context_and_continuation(prompt: str, choice: str) -> tuple[str, str]:
-    """The harness's split: a space between prompt and choice (its target delimiter),
-    and any whitespace that ends the prompt moved to the start of the continuation."""
+    """The harness's split: the choice after a space (its target delimiter), and any
+    whitespace that ends the prompt moved to the start of the continuation."""
     stripped = prompt.rstrip()
-    between = prompt[len(stripped):] or " "
-    return stripped, between + choice
+    return stripped, prompt[len(stripped):] + " " + choice
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,7 @@ class ChoiceItem:
     answer: int
     contexts: tuple[tuple[int, ...], ...]
     continuations: tuple[tuple[int, ...], ...]
-    nbytes: tuple[int, ...]  # UTF-8 bytes of each continuation (for normalised accuracy)
+    lengths: tuple[int, ...]  # characters of each choice (for normalised accuracy)
 
 
 @dataclass(frozen=True)
@@ -183,22 +187,24 @@ class EncodedTask:
 def encode(items: list[Item], tokenizer: Any) -> EncodedTask:
     return EncodedTask(
         tuple(_choice_item(i, tokenizer) for i in items if isinstance(i, MultipleChoice)),
-        tuple((_ids(tokenizer, i.prompt)[-MAX_TOKENS:], i.answers) for i in items
+        tuple((_ids(tokenizer, i.prompt), i.answers) for i in items
               if isinstance(i, ShortAnswer)))
 
 
 def _choice_item(item: MultipleChoice, tokenizer: Any) -> ChoiceItem:
-    contexts, continuations, nbytes = [], [], []
+    """As the harness does: the whole text tokenised, split where the context's own
+    tokens end, and at most MAX_TOKENS + 1 tokens kept from the end."""
+    contexts, continuations = [], []
     for choice in item.choices:
         context, continuation = context_and_continuation(item.prompt, choice)
         whole = _ids(tokenizer, context + continuation)
-        split = min(len(_ids(tokenizer, context)), len(whole) - 1)
-        start = max(0, split - (MAX_TOKENS - (len(whole) - split)))
-        # an empty context is the end-of-text token, as in the harness
-        contexts.append(tuple(whole[start:split]) or (tokenizer.eos_token_id,))
-        continuations.append(tuple(whole[split:]))
-        nbytes.append(len(continuation.encode("utf-8")))
-    return ChoiceItem(item.answer, tuple(contexts), tuple(continuations), tuple(nbytes))
+        n_cont = max(len(whole) - len(_ids(tokenizer, context)), 1)
+        kept = whole[-(MAX_TOKENS + 1):]
+        n_cont = min(n_cont, len(kept) - 1)
+        contexts.append(tuple(kept[:-n_cont]))
+        continuations.append(tuple(kept[-n_cont:]))
+    return ChoiceItem(item.answer, tuple(contexts), tuple(continuations),
+                      tuple(len(c) for c in item.choices))
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -247,30 +253,38 @@ def _rest_logprobs(model: Any, cache: Any, context: tuple[int, ...],
 
 
 def argmax_first(scores: torch.Tensor) -> int:
-    """The index of the highest score, the first of equal ones."""
+    """The index of the highest score, the first of equal ones (NaN counts as lowest)."""
+    scores = torch.nan_to_num(scores, nan=-math.inf)
     return int(torch.nonzero(scores == scores.max())[0])
 
 
 def score_choices(model: Any, items: tuple[ChoiceItem, ...]) -> tuple[int, int]:
-    """(correct, correct by log-likelihood per byte) over the items."""
+    """(correct, correct by log-likelihood per character of the choice: the harness's
+    acc_norm) over the items."""
     correct = correct_norm = 0
     for item in items:
         logliks = choice_logliks(model, item)
         correct += argmax_first(logliks) == item.answer
-        correct_norm += argmax_first(logliks / torch.tensor(item.nbytes)) == item.answer
+        correct_norm += argmax_first(logliks / torch.tensor(item.lengths)) == item.answer
     return correct, correct_norm
 
 
 @torch.inference_mode()
 def greedy_answer(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> str:
-    """The greedy continuation of the prompt, up to `max_new_tokens` and its first line."""
+    """The greedy continuation of the prompt up to `max_new_tokens` or its first line
+    break (the harness's `until`), whichever comes first."""
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids], device=device)
+    ids = torch.tensor([prompt_ids[-max(1, MAX_TOKENS - max_new_tokens):]], device=device)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                          max_new_tokens=max_new_tokens, do_sample=False, top_p=None,
-                         top_k=None, temperature=None, pad_token_id=tokenizer.pad_token_id)
-    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    return text.strip().split("\n", 1)[0] if text.strip() else ""
+                         top_k=None, temperature=None, pad_token_id=tokenizer.pad_token_id,
+                         stop_strings=["\n"], tokenizer=tokenizer)
+    return first_line(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+
+def first_line(text: str) -> str:
+    """The answer in a generated text: what comes before its first line break."""
+    return text.split("\n", 1)[0].strip()
 
 
 def evaluate(model: Any, tokenizer: Any, task: EncodedTask, max_new_tokens: int) -> TaskSums:

@@ -54,6 +54,7 @@ def test_items_of_both_kinds_and_the_clients_that_evaluate_them(tmp_path):
     ({"prompt": "p", "choices": ["a", "b"], "answer": "c"}, "'c'"),
     ({"prompt": "p", "choices": ["a", "b"], "answer": True}, "True"),
     ({"prompt": "p"}, '"answer"'),
+    ({"prompt": " \n", "answer": "x"}, "not blank"),
     ({"prompt": "p", "answer": 3}, "string or a list of strings"),
     ({"prompt": "p", "answer": "a", "client": 1}, '"client"'),
 ])
@@ -75,7 +76,7 @@ def test_a_missing_or_empty_task_file_is_one_clear_error(tmp_path):
 
 def test_the_prompt_and_choice_split_as_the_harness_does():
     assert tasks.context_and_continuation("Answer:", "Paris") == ("Answer:", " Paris")
-    assert tasks.context_and_continuation("Answer:\n", "Paris") == ("Answer:", "\nParis")
+    assert tasks.context_and_continuation("Answer:\n", "Paris") == ("Answer:", "\n Paris")
 
 
 def _by_hand(model, tokenizer, prompt: str, choice: str) -> float:
@@ -106,7 +107,8 @@ def test_normalised_accuracy_divides_by_the_choices_bytes():
     assert tasks.argmax_first(logliks / torch.tensor([10, 4, 20])) == 2
     assert tasks.argmax_first(torch.tensor([-1.0, -1.0])) == 0  # ties: the first
     item = tasks.encode([tasks.MultipleChoice("p", ("ab", "abcd"), 0)], _Chars()).choice[0]
-    assert item.nbytes == (3, 5)  # the space before the choice counts
+    assert item.lengths == (2, 4)  # the choice's characters, as the harness's acc_norm
+    assert item.contexts == ((ord("p"),),) * 2 and item.continuations[0] == (32, 97, 98)
 
 
 class _Chars:
@@ -135,7 +137,8 @@ def test_short_answers_are_greedy_capped_and_scored(tiny):
     prompt_ids = tokenizer("to be or", add_special_tokens=False)["input_ids"]
     first = tasks.greedy_answer(model, tokenizer, prompt_ids, max_new_tokens=4)
     assert first == tasks.greedy_answer(model, tokenizer, prompt_ids, max_new_tokens=4)
-    assert "\n" not in first
+    assert tasks.first_line("Paris\nand more") == "Paris"
+    assert tasks.first_line("\n\nParis") == ""  # the harness stops at the first break
     assert len(tokenizer(first, add_special_tokens=False)["input_ids"]) <= 4 + 1
     encoded = tasks.encode([tasks.ShortAnswer("to be or", (first, "never this")),
                             tasks.ShortAnswer("to be or", ("never this",))], tokenizer)
@@ -174,6 +177,15 @@ def test_the_shipped_task_is_balanced_held_out_and_at_chance_one_in_four():
     assert not trained & {q.prompt for q in questions}  # no question is trained on
     names = [n for _, n in shakespeare.PLAYS]
     for records in task.training.values():
-        assert collections.Counter(c.strip() for _, c in records) == {n: 290 for n in names}
+        assert collections.Counter(c for _, c in records) == {f" {n}": 290 for n in names}
+    prompt, completion = task.training["plays-1"][0]
+    assert prompt.endswith("\nAnswer:")
+    # a choice is scored exactly as the training records answer: the same text after "Answer:"
+    question = questions[0]
+    assert tasks.context_and_continuation(question.prompt, question.choices[question.answer]) \
+        == (question.prompt, f" {names[question.answer]}")
+    assert prompt.split("\n")[0] == question.prompt.split("\n")[0]
     shard = tasks.load(tasks.PLAYS, {"plays-2"})
     assert len(shard) == 40 and all(isinstance(i, tasks.MultipleChoice) for i in shard)
+    for k in (4, 8, 12):  # max-task-items keeps the first k: still balanced
+        assert collections.Counter(i.answer for i in shard[:k]) == {a: k // 4 for a in range(4)}
