@@ -117,7 +117,8 @@ class Session:
         model_key = (s.model, s.quantization, s.device, s.lora_r, s.lora_alpha, s.lora_dropout,
                      s.lora_targets, s.lora_layers, s.seed, threads, s.strategy)
         data_key = (s.data, s.partition, s.seq_len, s.max_eval_seqs, s.canary_file, s.client,
-                    s.frozen_cache, s.completion_only, s.eval_task, s.max_task_items)
+                    s.frozen_cache, s.completion_only, s.eval_task, s.max_task_items,
+                    file_stamp(s.data), file_stamp(s.eval_task))
         key = (model_key, data_key, s.device_profile)
         if cls._current is not None and cls._current.key == key:
             return cls._current
@@ -189,6 +190,16 @@ def with_frozen_prefix(model: Any, client: str, *sets: data_mod.Examples
              frozen_prefix.describe(layer, total, len(sets[0]), len(sets[-1])),
              sum(e.prefix.numel() * e.prefix.element_size() for e in out) / 1e6)
     return out
+
+
+def file_stamp(spec: str) -> tuple[int, int] | None:
+    """(modification time, size) of a data or task file, so that a process that keeps a
+    client's data (a deployed worker) reads a file edited between runs afresh."""
+    path = Path(spec).expanduser()
+    if not spec or not path.is_file():
+        return None
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
 
 
 def load_task(s: ClientSettings, name: str, tokenizer: Any) -> tasks.EncodedTask | None:

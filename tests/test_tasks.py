@@ -189,3 +189,23 @@ def test_the_shipped_task_is_balanced_held_out_and_at_chance_one_in_four():
     assert len(shard) == 40 and all(isinstance(i, tasks.MultipleChoice) for i in shard)
     for k in (4, 8, 12):  # max-task-items keeps the first k: still balanced
         assert collections.Counter(i.answer for i in shard[:k]) == {a: k // 4 for a in range(4)}
+
+
+def test_a_client_reads_its_items_and_rereads_a_task_file_edited_between_runs(
+        tiny_model, text_clients, tmp_path):
+    import os
+
+    from client.cache import Session
+    from tests.helpers import client_settings
+
+    Session.forget()
+    path = tmp_path / "task.jsonl"
+    _write(path, [{"prompt": "to be", "choices": ["or", "and"], "answer": 0},
+                  {"prompt": "to be", "answer": "or", "client": "client-1"}])
+    s = client_settings(tiny_model, text_clients, tmp_path / "state", eval_task=str(path))
+    task = Session.get(s).task
+    assert (len(task.choice), len(task.short)) == (1, 0)  # client-0: not the client-1 item
+    _write(path, [{"prompt": "to be", "choices": ["or", "and"], "answer": 0}] * 3)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert len(Session.get(s).task.choice) == 3
+    Session.forget()
