@@ -29,20 +29,42 @@ CLIENT_KEYS = {"client", "status", "epsilon", "num_examples", "train_seconds", "
 pytestmark = pytest.mark.slow
 
 
+TAG = "FEDSLM_TEST_TAG"  # marks the processes a test starts (Ray's workers inherit it)
+
+
 def _fedslm(args: list[str], cache: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FEDSLM_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "FEDSLM_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", TAG: str(cache)}
     return subprocess.run([sys.executable, "-m", "fedslm.cli", *args], capture_output=True,
                           text=True, env=env, timeout=timeout)
 
 
-def _ray_processes_since(start: float) -> list[str]:
+def _ray_processes_since(start: float, tag: str) -> list[str]:
+    """Ray processes of the test tagged `tag` still alive: its raylet, GCS and workers
+    carry the tag; Ray's agents do not, so an untagged one counts when its parent does.
+    A simulation someone runs beside the tests is not the test's."""
     found = []
     for p in psutil.process_iter(["name", "cmdline", "create_time"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if p.info["create_time"] >= start and ("raylet" in cmd or "gcs_server" in cmd
-                                               or "ray::" in cmd):
+        if p.info["create_time"] < start or not ("raylet" in cmd or "gcs_server" in cmd
+                                                 or "ray::" in cmd):
+            continue
+        if tag in (_tag(p), _tag(_parent(p))):
             found.append(cmd[:80])
     return found
+
+
+def _tag(p: psutil.Process | None) -> str | None:
+    try:
+        return p.environ().get(TAG) if p else None
+    except psutil.Error:
+        return None
+
+
+def _parent(p: psutil.Process) -> psutil.Process | None:
+    try:
+        return p.parent()
+    except psutil.Error:
+        return None
 
 
 def test_two_clients_two_rounds_write_the_run_directory(tiny_model, text_clients, tmp_path):
@@ -103,7 +125,7 @@ def test_two_clients_two_rounds_write_the_run_directory(tiny_model, text_clients
             entries = ledger.entries()
             assert [e.round for e in entries] == [1, 2]
             assert entries[-1].epsilon == pytest.approx(c["epsilon"])
-    assert _ray_processes_since(start) == []
+    assert _ray_processes_since(start, tag=str(tmp_path / "cache")) == []
 
 
 def test_a_run_whose_clients_all_fail_exits_non_zero(tiny_model, tmp_path):
