@@ -200,8 +200,9 @@ def _choice_item(item: MultipleChoice, tokenizer: Any) -> ChoiceItem:
         whole = _ids(tokenizer, context + continuation)
         n_cont = max(len(whole) - len(_ids(tokenizer, context)), 1)
         kept = whole[-(MAX_TOKENS + 1):]
-        n_cont = min(n_cont, len(kept) - 1)
-        contexts.append(tuple(kept[:-n_cont]))
+        n_cont = min(n_cont, len(kept) - 1) or len(kept)
+        # an empty context is the end-of-text token, as in the harness
+        contexts.append(tuple(kept[:-n_cont]) or (tokenizer.eos_token_id,))
         continuations.append(tuple(kept[-n_cont:]))
     return ChoiceItem(item.answer, tuple(contexts), tuple(continuations),
                       tuple(len(c) for c in item.choices))

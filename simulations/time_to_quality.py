@@ -248,6 +248,8 @@ def main() -> None:  # python -m simulations.time_to_quality
     import json
     import sys
 
+    if len(sys.argv) > 2 or any(a.startswith("-") for a in sys.argv[1:]):
+        sys.exit("usage: python -m simulations.time_to_quality [RESULT.json]")
     result = measure()
     print("\n".join(render(result)))
     if len(sys.argv) > 1:

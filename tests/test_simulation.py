@@ -40,8 +40,9 @@ def _fedslm(args: list[str], cache: Path, timeout: float = 300) -> subprocess.Co
 
 def _ray_processes_since(start: float, tag: str) -> list[str]:
     """Ray processes of the test tagged `tag` still alive: its raylet, GCS and workers
-    carry the tag; Ray's agents do not, so an untagged one counts when its parent does.
-    A simulation someone runs beside the tests is not the test's."""
+    carry the tag; Ray's agents do not, so an untagged one counts when its parent does
+    (an agent orphaned by an exited raylet is missed; a leftover raylet is not). A
+    simulation someone runs beside the tests is not the test's."""
     found = []
     for p in psutil.process_iter(["name", "cmdline", "create_time"]):
         cmd = " ".join(p.info["cmdline"] or [])

