@@ -207,8 +207,10 @@ def load_task(s: ClientSettings, name: str, tokenizer: Any) -> tasks.EncodedTask
     partition), tokenised; None without a task. TaskError for a bad task file."""
     if not s.eval_task:
         return None
-    partition_name = data_mod.partition(s.data, s.partition).client
-    items = tasks.load(s.eval_task, {name, partition_name})
+    names = {name}
+    if s.client:  # the node renamed itself; its items may still name its data partition
+        names.add(data_mod.partition(s.data, s.partition).client)
+    items = tasks.load(s.eval_task, names)
     if s.max_task_items:
         items = items[:s.max_task_items]
     if not items:
