@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from client import records, shakespeare
+from client import jsonl, records, shakespeare
 from client.records import Record
 from contracts.errors import FedslmError
 
@@ -139,16 +139,8 @@ def _read(path: Path) -> str:
 
 def _jsonl(path: Path) -> list[Partition]:
     by_client: dict[str, list[Record]] = {}
-    for lineno, line in enumerate(_read(path).split("\n"), start=1):  # U+2028 is JSON
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            record = records.parse(obj)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
-        except records.RecordError as exc:
-            raise DataError(f"{path}:{lineno}: {exc}") from None
+    for obj, record in jsonl.read(path, _read(path), records.parse, DataError,
+                                  (records.RecordError,)):
         by_client.setdefault(str(obj.get("client", path.stem)), []).append(record)
     if not by_client:
         raise DataError(f"no records in {path}")

@@ -14,7 +14,6 @@ Prompts are plain text (no chat template), as in the harness.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import string
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from client import shakespeare
+from client import jsonl, shakespeare
 from contracts import wire
 from contracts.errors import FedslmError
 
@@ -82,17 +81,7 @@ def read_file(spec: str) -> list[tuple[Item, str | None]]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise TaskError(f"cannot read task file {spec}: {exc}") from None
-    out = []
-    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 is JSON
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            out.append((parse(obj), _client(obj)))
-        except json.JSONDecodeError as exc:
-            raise TaskError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
-        except TaskError as exc:
-            raise TaskError(f"{path}:{lineno}: {exc}") from None
+    out = [pair for _, pair in jsonl.read(path, text, _item_and_client, TaskError, (TaskError,))]
     if not out:
         raise TaskError(f"no items in task file {path}")
     return out
@@ -123,6 +112,10 @@ def parse(obj: Any) -> Item:
         raise TaskError(f'"answer" must be an index into the {len(choices)} choices '
                         f'or one of them; got {answer!r}')
     return MultipleChoice(obj["prompt"], tuple(choices), answer)
+
+
+def _item_and_client(obj: Any) -> tuple[Item, str | None]:
+    return parse(obj), _client(obj)
 
 
 def _client(obj: dict) -> str | None:

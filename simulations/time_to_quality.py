@@ -1,16 +1,18 @@
 """Time to quality: a client's training wall time to reach a held-out perplexity under DP
 at the same ε, fedslm's recipe against the textbook Opacus + PEFT path, side by side.
 
-Both paths train one client of the embedded data (its own train / held-out split, as the
+The paths train one client of the embedded data (its own train / held-out split, as the
 client makes it) from the same base and seed, each with σ from the RDP accountant for its
 own (q, steps) at the same target ε and δ, and are evaluated on the same held-out
-sequences every `eval_every` steps. They run in one process, alternating a segment of
-`eval_every` steps of one with a segment of the other, so that the machine's drift falls
-on both. Only training is timed; evaluation is not.
+sequences every `eval_every` steps. They run in one process, taking turns a segment of
+`eval_every` steps at a time, so that the machine's drift falls on all of them. Only
+training is timed; evaluation is not.
 
 - **textbook**: what the Opacus and PEFT docs lead to: an fp32 base, LoRA on q_proj and
   v_proj of every layer, `opacus.PrivacyEngine.make_private` with Poisson sampling, the
-  Hugging Face loss (`model(..., labels=...).loss`, full logits), AdamW.
+  Hugging Face loss (`model(..., labels=...).loss`, full logits), AdamW; once with each
+  drawn batch in one forward, once split into the client's micro-batches by Opacus'
+  `BatchMemoryManager` (what that path needs to stay in the client's memory).
 - **fedslm**: the client's own path with the demo's recipe (simulations/default.toml):
   the `auto` base, its LoRA targets and layers, chunked loss, micro-batches, its steps and
   learning rate (client/trainer.py).
@@ -40,6 +42,7 @@ class Recipe:
     steps: int
     batch: int
     textbook: bool  # Opacus' PrivacyEngine + the HF loss on an fp32 base
+    physical_batch: int = 0  # sequences per forward/backward (0: the whole draw)
 
 
 @dataclass
@@ -53,17 +56,22 @@ class Curve:
         return next((s for step, s, p in self.points if step > 0 and p <= ppl), None)
 
 
-def recipes(steps_textbook: int = 30, steps: int = 0) -> tuple[Recipe, Recipe]:
-    """(textbook, fedslm): fedslm's from the demo's scenario (`steps` > 0 overrides its
-    steps); the textbook one with the previous demo's settings (q_proj,v_proj, 10 steps x
-    3 rounds, lr 0.01)."""
+def recipes(steps_textbook: int = 30, steps: int = 0,
+            physical_batch: int = 1) -> tuple[Recipe, Recipe, Recipe]:
+    """(textbook, textbook in the client's memory, fedslm): fedslm's from the demo's
+    scenario (`steps` > 0 overrides its steps); the textbook one with the previous demo's
+    settings (q_proj,v_proj, 10 steps x 3 rounds, lr 0.01), once with whole batches and
+    once `physical_batch` sequences at a time, as Opacus' BatchMemoryManager does it."""
     demo = tomllib.loads(DEFAULT_TOML.read_text())
     steps = steps or demo["local-steps"] * demo["num-server-rounds"]
     ours = Recipe("fedslm (demo recipe)", demo["lora-targets"].split(","),
-                  demo.get("lora-layers", 0), demo["lr"], steps, demo["batch-size"], False)
+                  demo.get("lora-layers", 0), demo["lr"], steps, demo["batch-size"], False,
+                  physical_batch)
     textbook = Recipe("textbook Opacus + PEFT", ["q_proj", "v_proj"], 0, 0.01, steps_textbook,
                       demo["batch-size"], True)
-    return textbook, ours
+    capped = Recipe(f"textbook, {physical_batch} sequence(s) per forward", textbook.targets, 0,
+                    textbook.lr, steps_textbook, textbook.batch, True, physical_batch)
+    return textbook, capped, ours
 
 
 class _Path:
@@ -83,7 +91,6 @@ class _Path:
         quant = (base_model.Quantization("none", "float32", "textbook") if recipe.textbook
                  else base_model.choose_quantization("auto", device,
                                                      base_model.count_params(source)))
-        self.dtype = quant.dtype  # the client's `micro-batch-tokens = auto` follows it
         base, _ = base_model.load_base(source, quant, device)
         self.model = attach_lora(base, 8, 16.0, 0.0, recipe.targets, 0, recipe.layers)
         self.q = sample_rate(len(train), recipe.batch)
@@ -108,6 +115,12 @@ class _Path:
             self.forward, self.optimizer, loader = self.engine.make_private(
                 module=self.model, optimizer=optimizer, data_loader=loader,
                 noise_multiplier=self.sigma, max_grad_norm=1.0, poisson_sampling=True)
+            if recipe.physical_batch:
+                from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+                loader = BatchMemoryManager(data_loader=loader, optimizer=self.optimizer,
+                                            max_physical_batch_size=recipe.physical_batch
+                                            ).__enter__()
             self.batches = _forever(loader)
         else:
             from client.trainer import make_private
@@ -120,24 +133,39 @@ class _Path:
     def advance(self, steps: int) -> None:
         import warnings
 
-
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         self.model.train()
         start = time.perf_counter()
         for _ in range(min(steps, self.recipe.steps - self.done)):
-            self.optimizer.zero_grad(set_to_none=True)
             if self.recipe.textbook:
-                ids, mask, labels = next(self.batches)
-                if len(ids):
-                    self.forward(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+                self._textbook_step()
             else:
+                self.optimizer.zero_grad(set_to_none=True)
                 self._our_step()
-            self.optimizer.step()
+                self.optimizer.step()
             self.done += 1
         self.seconds += time.perf_counter() - start
+        if self.recipe.textbook and self.accounted() != self.done:
+            raise RuntimeError(f"{self.recipe.name}: {self.done} steps run but "
+                               f"{self.accounted()} accounted")
+
+    def accounted(self) -> int:
+        """The textbook path's steps as its Opacus accountant counted them."""
+        return sum(steps for _, _, steps in self.engine.accountant.history)
+
+    def _textbook_step(self) -> None:
+        """One logical step: the physical batches of one draw, as Opacus' tutorial runs
+        them (its optimizer skips the update until the draw's last part)."""
+        while True:
+            self.optimizer.zero_grad(set_to_none=True)
+            ids, mask, labels = next(self.batches)
+            if len(ids):
+                self.forward(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            self.optimizer.step()
+            if not self.optimizer._is_last_step_skipped:
+                return
 
     def _our_step(self) -> None:
-        from client.settings import micro_batch
         from client.trainer import backward, noise_only, poisson_draw
 
         index = poisson_draw(len(self.train), self.q, self.sampling)
@@ -146,7 +174,7 @@ class _Path:
             return
         backward(self.forward, self.optimizer, self.train.select(index),
                  batch_size=self.recipe.batch, private=True,
-                 micro_batch=micro_batch("auto", self.train.input_ids.shape[1], self.dtype))
+                 micro_batch=self.recipe.physical_batch)
 
     def evaluate(self) -> float:
         from client.evaluation import evaluate, perplexity
@@ -174,7 +202,7 @@ def measure(model: str = "embedded", data: str = "embedded", partition: int = 0,
     import torch
 
     from client import base_model, cache
-    from client.settings import ClientSettings
+    from client.settings import ClientSettings, micro_batch
     from contracts.config import DEFAULTS
 
     torch.manual_seed(0)
@@ -184,33 +212,56 @@ def measure(model: str = "embedded", data: str = "embedded", partition: int = 0,
     source = base_model.prepare_base(settings.model)
     tokenizer = base_model.load_tokenizer(source)
     client, train, heldout = cache.load_data(settings, tokenizer)
+    quant = base_model.choose_quantization("auto", torch.device("cpu"),
+                                           base_model.count_params(source))
+    physical = micro_batch("auto", train.input_ids.shape[1], quant.dtype)
     paths = [_Path(r, train, heldout, source, epsilon, delta, threads)
-             for r in (recipes(2, 2) if quick else recipes())]
+             for r in recipes(*((2, 2) if quick else (30, 0)), physical_batch=physical)]
     eval_every = 1 if quick else eval_every
     for p in paths:
         echo(f"time-to-quality: {p.recipe.name}: q={p.q:.4f}, sigma={p.sigma:.3f}, "
              f"{p.recipe.steps} steps at ε={epsilon:g}: start ppl {p.evaluate():.1f}")
-    while not all(p.finished for p in paths):
-        for p in paths:
-            if not p.finished:
-                p.advance(eval_every)
-                echo(f"time-to-quality: {p.recipe.name}: step {p.done}/{p.recipe.steps}, "
-                     f"{p.seconds:.0f}s, ppl {p.evaluate():.1f}")
-    textbook, ours = (p.curve for p in paths)
-    bar = target_ppl or ours.points[-1][2]
-    t_textbook, t_ours = textbook.time_to(bar), ours.time_to(bar)
+    ours = paths[-1]
+    while running := [p for p in paths if _needed(p, ours, target_ppl)]:
+        for p in running:
+            p.advance(eval_every)
+            echo(f"time-to-quality: {p.recipe.name}: step {p.done}/{p.recipe.steps}, "
+                 f"{p.seconds:.0f}s, ppl {p.evaluate():.1f}")
+    textbook, capped, mine = (p.curve for p in paths)
+    bar = target_ppl or mine.points[-1][2]
+    t_ours = mine.time_to(bar)
+    speedup, at_least = _ratio(textbook, t_ours, bar)
+    same_memory, same_memory_at_least = _ratio(capped, t_ours, bar)
     return {"client": client, "train": len(train), "heldout": len(heldout),
             "epsilon": epsilon, "delta": delta, "threads": threads, "bar": bar,
-            "curves": [_as_dict(c) for c in (textbook, ours)],
-            "textbook_s": t_textbook, "ours_s": t_ours,
-            "speedup": (t_textbook / t_ours if t_textbook and t_ours else None),
-            "speedup_at_least": (textbook.points[-1][1] / t_ours
-                                 if t_textbook is None and t_ours else None)}
+            "curves": [_as_dict(c) for c in (textbook, capped, mine)],
+            "textbook_s": textbook.time_to(bar), "capped_s": capped.time_to(bar),
+            "ours_s": t_ours, "speedup": speedup, "speedup_at_least": at_least,
+            "speedup_same_memory": same_memory,
+            "speedup_same_memory_at_least": same_memory_at_least}
+
+
+def _needed(p: _Path, ours: _Path, target_ppl: float) -> bool:
+    """Whether `p` still has steps to run: all of fedslm's (they set the bar), and the
+    others' until they reach it."""
+    if p.finished or p is ours or not ours.finished:
+        return not p.finished
+    return p.curve.time_to(target_ppl or ours.curve.points[-1][2]) is None
+
+
+def _ratio(other: Curve, t_ours: float | None, bar: float) -> tuple[float | None, float | None]:
+    """(other's time to the bar / fedslm's, or None; a lower bound when `other` never got
+    there)."""
+    t_other = other.time_to(bar)
+    if t_other and t_ours:
+        return t_other / t_ours, None
+    return None, (other.points[-1][1] / t_ours if t_other is None and t_ours else None)
 
 
 def _as_dict(c: Curve) -> dict[str, Any]:
     r = c.recipe
     return {"name": r.name, "targets": ",".join(r.targets), "layers": r.layers, "lr": r.lr,
+            "per_forward": r.physical_batch,
             "steps": r.steps, "batch": r.batch, "sigma": c.sigma,
             "points": [{"step": s, "seconds": t, "ppl": p} for s, t, p in c.points]}
 
@@ -219,29 +270,36 @@ def render(result: dict[str, Any]) -> list[str]:
     r = result
     rows = ["## Time to quality (DP, same ε)", "",
             f"Client `{r['client']}` ({r['train']} train / {r['heldout']} held-out sequences), "
-            f"ε = {r['epsilon']:g}, δ = {r['delta']:g}, {r['threads']} threads; both paths in "
+            f"ε = {r['epsilon']:g}, δ = {r['delta']:g}, {r['threads']} threads; the paths in "
             "one process, alternating segments; training seconds only (evaluation untimed). "
-            f"Quality bar: held-out perplexity {r['bar']:.1f} (fedslm's final).", "",
-            "| path | LoRA targets | layers | lr | steps | σ | time to the bar | "
-            "final ppl | s/step |", "|---|---|---|---|---|---|---|---|---|"]
-    for c, t in zip(r["curves"], (r["textbook_s"], r["ours_s"]), strict=True):
+            f"Quality bar: held-out perplexity {r['bar']:.1f} (fedslm's final). A textbook "
+            "path stops once it reaches the bar.", "",
+            "| path | LoRA targets | layers | lr | sequences per forward | steps run | σ | "
+            "time to the bar | last ppl | s/step |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c, t in zip(r["curves"], (r["textbook_s"], r["capped_s"], r["ours_s"]), strict=True):
         last = c["points"][-1]
         reached = f"{t:.0f} s" if t is not None else f"not reached in {last['seconds']:.0f} s"
         rows.append(f"| {c['name']} | {c['targets']} | {c['layers'] or 'all'} | {c['lr']:g} | "
-                    f"{c['steps']} | {c['sigma']:.3f} | {reached} | {last['ppl']:.1f} | "
+                    f"{c['per_forward'] or 'the whole draw'} | {last['step']} of {c['steps']} | "
+                    f"{c['sigma']:.3f} | {reached} | {last['ppl']:.1f} | "
                     f"{last['seconds'] / max(1, last['step']):.2f} |")
-    if r["speedup"] is not None:
-        verdict = f"**{r['speedup']:.2f}x**"
-    elif r["speedup_at_least"] is not None:
-        verdict = f"**more than {r['speedup_at_least']:.2f}x** (the textbook path never got there)"
-    else:
-        verdict = "n/a"
-    rows += ["", f"Time-to-quality speed-up, fedslm vs textbook: {verdict} (target >= 2x).",
+    rows += ["", "Time-to-quality speed-up, fedslm vs the textbook path: "
+             f"{_verdict(r['speedup'], r['speedup_at_least'])} (target >= 2x); vs the textbook "
+             "path split into the client's micro-batches (the memory the client keeps to): "
+             f"{_verdict(r['speedup_same_memory'], r['speedup_same_memory_at_least'])}.",
              "", "Perplexity after each segment (step: ppl):", ""]
     for c in r["curves"]:
         rows.append(f"- {c['name']}: " + ", ".join(
             f"{p['step']}: {p['ppl']:.1f}" for p in c["points"]))
     return rows
+
+
+def _verdict(speedup: float | None, at_least: float | None) -> str:
+    if speedup is not None:
+        return f"**{speedup:.2f}x**"
+    if at_least is not None:
+        return f"**more than {at_least:.2f}x** (that path never got there)"
+    return "n/a"
 
 
 def main() -> None:  # python -m simulations.time_to_quality

@@ -37,9 +37,12 @@ def test_quick_bench_runs_every_case_and_writes_the_report(tiny_model, text_clie
     assert [r["round"] for r in rounds] == [0, 1]
     assert all(0 < r["compute_s"] < r["wall_s"] for r in rounds)
     ttq = result["time_to_quality"]
-    assert [len(c["points"]) for c in ttq["curves"]] == [3, 3]  # start, after 1 and 2 steps
+    # textbook, textbook in micro-batches, fedslm: start, after 1 and 2 steps
+    assert [len(c["points"]) for c in ttq["curves"]] == [3, 3, 3]
     assert ttq["ours_s"] is not None and ttq["ours_s"] > 0  # the bar is its own final ppl
-    assert ttq["curves"][0]["targets"] == "q_proj,v_proj"
+    assert ttq["curves"][0]["targets"] == ttq["curves"][1]["targets"] == "q_proj,v_proj"
+    assert ttq["curves"][0]["per_forward"] == 0  # the whole draw
+    assert ttq["curves"][1]["per_forward"] == ttq["curves"][2]["per_forward"] >= 1
     text = out.read_text()
     for heading in ("## Targets", "## Training step", "## DP overhead", "## Bytes a client",
                     "## Federation overhead", "## Time to quality", "Quick mode"):
