@@ -220,7 +220,7 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict[str
 
 
 def time_to_quality(cfg: BenchConfig) -> dict[str, Any]:
-    """simulations/time_to_quality.py in a fresh process (its two models' memory is its own)."""
+    """simulations/time_to_quality.py in a fresh process (its three models' memory is its own)."""
     code = ("import json, sys; from simulations.time_to_quality import measure; "
             f"r = measure({cfg.model!r}, {cfg.data!r}, threads={cfg.threads}, "
             f"quick={cfg.quick}, echo=lambda line: print(line, file=sys.stderr)); "

@@ -11,8 +11,9 @@ training is timed; evaluation is not.
 - **textbook**: what the Opacus and PEFT docs lead to: an fp32 base, LoRA on q_proj and
   v_proj of every layer, `opacus.PrivacyEngine.make_private` with Poisson sampling, the
   Hugging Face loss (`model(..., labels=...).loss`, full logits), AdamW; once with each
-  drawn batch in one forward, once split into the client's micro-batches by Opacus'
-  `BatchMemoryManager` (what that path needs to stay in the client's memory).
+  drawn batch in one forward, once split into the micro-batches of the fp32 client by
+  Opacus' `BatchMemoryManager` (what that path needs to stay in the client's memory on a
+  CPU without bf16).
 - **fedslm**: the client's own path with the demo's recipe (simulations/default.toml):
   the `auto` base, its LoRA targets and layers, chunked loss, micro-batches, its steps and
   learning rate (client/trainer.py).
@@ -23,6 +24,7 @@ to quality is its training time up to the first evaluation at or below the bar.
 
 from __future__ import annotations
 
+import math
 import time
 import tomllib
 from collections.abc import Callable
@@ -56,12 +58,13 @@ class Curve:
         return next((s for step, s, p in self.points if step > 0 and p <= ppl), None)
 
 
-def recipes(steps_textbook: int = 30, steps: int = 0,
-            physical_batch: int = 1) -> tuple[Recipe, Recipe, Recipe]:
-    """(textbook, textbook in the client's memory, fedslm): fedslm's from the demo's
-    scenario (`steps` > 0 overrides its steps); the textbook one with the previous demo's
-    settings (q_proj,v_proj, 10 steps x 3 rounds, lr 0.01), once with whole batches and
-    once `physical_batch` sequences at a time, as Opacus' BatchMemoryManager does it."""
+def recipes(steps_textbook: int = 30, steps: int = 0, physical_batch: int = 1,
+            textbook_physical_batch: int = 1) -> tuple[Recipe, Recipe, Recipe]:
+    """(textbook, textbook in micro-batches, fedslm): fedslm's from the demo's scenario
+    (`steps` > 0 overrides its steps) with `physical_batch` sequences per forward; the
+    textbook one with the previous demo's settings (q_proj,v_proj, 10 steps x 3 rounds,
+    lr 0.01), once with whole batches and once `textbook_physical_batch` sequences at a
+    time, as Opacus' BatchMemoryManager does it."""
     demo = tomllib.loads(DEFAULT_TOML.read_text())
     steps = steps or demo["local-steps"] * demo["num-server-rounds"]
     ours = Recipe("fedslm (demo recipe)", demo["lora-targets"].split(","),
@@ -69,8 +72,9 @@ def recipes(steps_textbook: int = 30, steps: int = 0,
                   physical_batch)
     textbook = Recipe("textbook Opacus + PEFT", ["q_proj", "v_proj"], 0, 0.01, steps_textbook,
                       demo["batch-size"], True)
-    capped = Recipe(f"textbook, {physical_batch} sequence(s) per forward", textbook.targets, 0,
-                    textbook.lr, steps_textbook, textbook.batch, True, physical_batch)
+    capped = Recipe(f"textbook, {textbook_physical_batch} sequence(s) per forward",
+                    textbook.targets, 0, textbook.lr, steps_textbook, textbook.batch, True,
+                    textbook_physical_batch)
     return textbook, capped, ours
 
 
@@ -93,7 +97,9 @@ class _Path:
                                                      base_model.count_params(source)))
         base, _ = base_model.load_base(source, quant, device)
         self.model = attach_lora(base, 8, 16.0, 0.0, recipe.targets, 0, recipe.layers)
-        self.q = sample_rate(len(train), recipe.batch)
+        # Opacus' make_private samples at 1 / len(data_loader), not batch / N
+        self.q = (1 / math.ceil(len(train) / recipe.batch) if recipe.textbook
+                  else sample_rate(len(train), recipe.batch))
         self.sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
                                           sample_rate=self.q, steps=recipe.steps,
                                           accountant="rdp")
@@ -144,23 +150,32 @@ class _Path:
                 self._our_step()
                 self.optimizer.step()
             self.done += 1
+            if self.recipe.textbook:
+                self._check_accounted()
         self.seconds += time.perf_counter() - start
-        if self.recipe.textbook and self.accounted() != self.done:
-            raise RuntimeError(f"{self.recipe.name}: {self.done} steps run but "
-                               f"{self.accounted()} accounted")
 
-    def accounted(self) -> int:
-        """The textbook path's steps as its Opacus accountant counted them."""
-        return sum(steps for _, _, steps in self.engine.accountant.history)
+    def _check_accounted(self) -> None:
+        """After each textbook step: the draw's physical batches are all used, and the
+        accountant counted every step at this path's q and σ."""
+        history = self.engine.accountant.history
+        if self.optimizer._step_skip_queue or sum(n for _, _, n in history) != self.done \
+                or any((s, q) != (self.sigma, self.q) for s, q, _ in history):
+            raise RuntimeError(f"{self.recipe.name}: step {self.done} is not one accounted "
+                               f"step at q={self.q:.4f}, sigma={self.sigma:.3f}: {history}")
 
     def _textbook_step(self) -> None:
         """One logical step: the physical batches of one draw, as Opacus' tutorial runs
-        them (its optimizer skips the update until the draw's last part)."""
+        them (its optimizer skips the update until the draw's last part). An empty draw
+        gets empty per-sample gradients, so that the step adds the noise only."""
+        from client.trainer import noise_only
+
         while True:
             self.optimizer.zero_grad(set_to_none=True)
             ids, mask, labels = next(self.batches)
             if len(ids):
                 self.forward(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            else:
+                noise_only([p for p in self.model.parameters() if p.requires_grad])
             self.optimizer.step()
             if not self.optimizer._is_last_step_skipped:
                 return
@@ -214,9 +229,12 @@ def measure(model: str = "embedded", data: str = "embedded", partition: int = 0,
     client, train, heldout = cache.load_data(settings, tokenizer)
     quant = base_model.choose_quantization("auto", torch.device("cpu"),
                                            base_model.count_params(source))
-    physical = micro_batch("auto", train.input_ids.shape[1], quant.dtype)
+    seq_len = train.input_ids.shape[1]
+    # the textbook path is fp32: its micro-batches are the client's on a CPU without bf16
     paths = [_Path(r, train, heldout, source, epsilon, delta, threads)
-             for r in recipes(*((2, 2) if quick else (30, 0)), physical_batch=physical)]
+             for r in recipes(*((2, 2) if quick else (30, 0)),
+                              physical_batch=micro_batch("auto", seq_len, quant.dtype),
+                              textbook_physical_batch=micro_batch("auto", seq_len, "float32"))]
     eval_every = 1 if quick else eval_every
     for p in paths:
         echo(f"time-to-quality: {p.recipe.name}: q={p.q:.4f}, sigma={p.sigma:.3f}, "
@@ -272,8 +290,8 @@ def render(result: dict[str, Any]) -> list[str]:
             f"Client `{r['client']}` ({r['train']} train / {r['heldout']} held-out sequences), "
             f"ε = {r['epsilon']:g}, δ = {r['delta']:g}, {r['threads']} threads; the paths in "
             "one process, alternating segments; training seconds only (evaluation untimed). "
-            f"Quality bar: held-out perplexity {r['bar']:.1f} (fedslm's final). A textbook "
-            "path stops once it reaches the bar.", "",
+            f"Quality bar: held-out perplexity {r['bar']:.1f} (fedslm's final). Once fedslm's "
+            "steps are done, a textbook path that has reached the bar stops.", "",
             "| path | LoRA targets | layers | lr | sequences per forward | steps run | σ | "
             "time to the bar | last ppl | s/step |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c, t in zip(r["curves"], (r["textbook_s"], r["capped_s"], r["ours_s"]), strict=True):
@@ -285,7 +303,8 @@ def render(result: dict[str, Any]) -> list[str]:
                     f"{last['seconds'] / max(1, last['step']):.2f} |")
     rows += ["", "Time-to-quality speed-up, fedslm vs the textbook path: "
              f"{_verdict(r['speedup'], r['speedup_at_least'])} (target >= 2x); vs the textbook "
-             "path split into the client's micro-batches (the memory the client keeps to): "
+             "path split into the fp32 client's micro-batches (the memory the client keeps to "
+             "without bf16): "
              f"{_verdict(r['speedup_same_memory'], r['speedup_same_memory_at_least'])}.",
              "", "Perplexity after each segment (step: ppl):", ""]
     for c in r["curves"]:

@@ -42,7 +42,7 @@ def test_quick_bench_runs_every_case_and_writes_the_report(tiny_model, text_clie
     assert ttq["ours_s"] is not None and ttq["ours_s"] > 0  # the bar is its own final ppl
     assert ttq["curves"][0]["targets"] == ttq["curves"][1]["targets"] == "q_proj,v_proj"
     assert ttq["curves"][0]["per_forward"] == 0  # the whole draw
-    assert ttq["curves"][1]["per_forward"] == ttq["curves"][2]["per_forward"] >= 1
+    assert ttq["curves"][1]["per_forward"] >= 1 and ttq["curves"][2]["per_forward"] >= 1
     text = out.read_text()
     for heading in ("## Targets", "## Training step", "## DP overhead", "## Bytes a client",
                     "## Federation overhead", "## Time to quality", "Quick mode"):
