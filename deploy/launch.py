@@ -229,8 +229,8 @@ def supervise(command: list[str], flwr_home: Path, address: Path) -> int:
         if received:
             return _stop_all(children, received)
         print("fedslm: " + shlex.join(command), file=sys.stderr, flush=True)
-        executable = str(Path(sys.executable).parent / command[0])
-        children["node"] = _spawn(command, env, executable)
+        children["node"] = _spawn([sys.executable, "-m", "deploy.supernode_poll",
+                                   *command[1:]], env)
         while all(child.poll() is None for child in children.values()):
             time.sleep(0.2)
         if children["worker"].poll() is not None and not received:
