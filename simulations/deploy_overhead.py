@@ -89,6 +89,8 @@ class Walkthrough:
         settings = {"num-clients": 2, "out": str(out), **config}
         run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
         done = self.flwr("run", str(ROOT), "fedslm", "--run-config", run_config, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError("flwr run failed:\n" + (done.stdout + done.stderr)[-3000:])
         # each `flwr ls` is a Python process: poll rarely, not to steal the nodes' CPU
         self._until(lambda: self._status().startswith("finished"), timeout=7200, every=15)
         logs = self.flwr("log", self._run_id(), "fedslm", "--show", timeout=120)
@@ -101,7 +103,10 @@ class Walkthrough:
         return runs[-1]
 
     def _last_run(self) -> dict[str, Any]:
-        runs = json.loads(self.flwr("ls", "fedslm", "--format", "json").stdout)["runs"]
+        answer = self.flwr("ls", "fedslm", "--format", "json")
+        runs = json.loads(answer.stdout or "{}").get("runs")
+        if not runs:
+            raise RuntimeError(f"flwr ls lists no run: {(answer.stdout + answer.stderr)[-2000:]}")
         return sorted(runs, key=lambda r: r["pending-at"])[-1]
 
     def _status(self) -> str:
