@@ -82,7 +82,7 @@ class _Path:
     """One recipe's model, optimizer and draws, advanced a segment at a time."""
 
     def __init__(self, recipe: Recipe, train: Any, heldout: Any, source: str, epsilon: float,
-                 delta: float, threads: int) -> None:
+                 delta: float, threads: int, seed: int = 0) -> None:
         import torch
         from opacus.accountants.utils import get_noise_multiplier
 
@@ -106,9 +106,9 @@ class _Path:
         self.curve = Curve(recipe, self.sigma)
         self.done, self.seconds = 0, 0.0
         torch.set_num_threads(threads)
-        self._start(recipe, torch)
+        self._start(recipe, torch, seed)
 
-    def _start(self, recipe: Recipe, torch: Any) -> None:
+    def _start(self, recipe: Recipe, torch: Any, seed: int) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
         if recipe.textbook:
@@ -133,8 +133,8 @@ class _Path:
 
             self.forward, self.optimizer = make_private(
                 self.model, optimizer, noise_multiplier=self.sigma, clip_norm=1.0,
-                expected_batch=recipe.batch, noise=torch.Generator().manual_seed(1))
-            self.sampling = torch.Generator().manual_seed(2)
+                expected_batch=recipe.batch, noise=torch.Generator().manual_seed(2 * seed + 1))
+            self.sampling = torch.Generator().manual_seed(2 * seed + 2)
 
     def advance(self, steps: int) -> None:
         import warnings
@@ -210,17 +210,17 @@ def _forever(loader: Any):
 
 def measure(model: str = "embedded", data: str = "embedded", partition: int = 0,
             epsilon: float = 8.0, delta: float = 1e-5, eval_every: int = 3, threads: int = 2,
-            target_ppl: float = 0.0, quick: bool = False,
+            target_ppl: float = 0.0, quick: bool = False, seed: int = 0,
             echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Both curves and the time each path needs to reach the bar (`quick`: two steps each,
-    to check that it runs)."""
+    """The curves and the time each path needs to reach the bar (`quick`: two steps each,
+    to check that it runs; `seed` sets every path's draws and noise)."""
     import torch
 
     from client import base_model, cache
     from client.settings import ClientSettings, micro_batch
     from contracts.config import DEFAULTS
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)  # the textbook paths' draws and noise (Opacus' global RNG)
     settings = ClientSettings.from_records(
         {**DEFAULTS, "model": model, "data": data, "server-round": 0},
         {"partition-id": partition})
@@ -231,7 +231,7 @@ def measure(model: str = "embedded", data: str = "embedded", partition: int = 0,
                                            base_model.count_params(source))
     seq_len = train.input_ids.shape[1]
     # the textbook path is fp32: its micro-batches are the client's on a CPU without bf16
-    paths = [_Path(r, train, heldout, source, epsilon, delta, threads)
+    paths = [_Path(r, train, heldout, source, epsilon, delta, threads, seed)
              for r in recipes(*((2, 2) if quick else (30, 0)),
                               physical_batch=micro_batch("auto", seq_len, quant.dtype),
                               textbook_physical_batch=micro_batch("auto", seq_len, "float32"))]
@@ -251,7 +251,7 @@ def measure(model: str = "embedded", data: str = "embedded", partition: int = 0,
     speedup, at_least = _ratio(textbook, t_ours, bar)
     same_memory, same_memory_at_least = _ratio(capped, t_ours, bar)
     return {"client": client, "train": len(train), "heldout": len(heldout),
-            "epsilon": epsilon, "delta": delta, "threads": threads, "bar": bar,
+            "epsilon": epsilon, "delta": delta, "threads": threads, "seed": seed, "bar": bar,
             "curves": [_as_dict(c) for c in (textbook, capped, mine)],
             "textbook_s": textbook.time_to(bar), "capped_s": capped.time_to(bar),
             "ours_s": t_ours, "speedup": speedup, "speedup_at_least": at_least,
