@@ -34,18 +34,14 @@ class _Clock:
 def shorten_idle_poll(poll: float = IDLE_POLL_SECONDS) -> None:
     """Patch Flower's SuperNode loop; RuntimeError if Flower's code is not the one this
     was written against (then the node should not start half-patched)."""
+    import inspect
+
     from flwr.supernode import start_client_internal as loop
 
-    if getattr(loop, "time", None) is not time or "time.sleep(3)" not in _source(loop):
+    if getattr(loop, "time", None) is not time or "time.sleep(3)" not in inspect.getsource(loop):
         raise RuntimeError("this Flower's SuperNode loop is not flwr 1.42's: cannot shorten "
                            "its idle poll (run `fedslm supernode --no-worker` for plain Flower)")
     loop.time = _Clock(poll)
-
-
-def _source(module: Any) -> str:
-    import inspect
-
-    return inspect.getsource(module)
 
 
 def main() -> None:
