@@ -35,7 +35,7 @@ def charge_round(*, s: ClientSettings, client: str, num_examples: int,
             delta=s.delta, target_epsilon=s.target_epsilon,
             budget=Budget(s.budget_epsilon, s.budget_delta),
             noise_multiplier=run_noise(s=s, entries=entries, sample_rate=q),
-            private=s.dp,
+            private=s.dp, secret_noise=not s.reproducible,
         )
         plan = DPPlan(sample_rate=q, steps=s.local_steps, expected_batch=s.batch_size,
                       noise_multiplier=verdict.noise_multiplier,
@@ -82,6 +82,7 @@ def ledger_entry(*, s: ClientSettings, client: str, dataset: str, plan: DPPlan,
         steps=plan.steps, delta=s.delta, accountant=CHARGED[0], relation=CHARGED[1],
         epsilon=epsilon_after, time=datetime.now(UTC).isoformat(timespec="seconds"),
         budget_epsilon=s.budget_epsilon, budget_delta=s.budget_delta,
+        seeded=s.reproducible and plan.private,
     )
 
 

@@ -144,6 +144,8 @@ def flower_rdp(history: Sequence[Mechanism], delta: float, population: int) -> f
     add/remove one client). It wraps dp-accounting's RDP, so it is independent of Opacus,
     not of `dp-accounting-rdp`. Its events take a whole expected sample of a population:
     ValueError when q·population is not an integer (the model does not match)."""
+    if any(sigma <= 0 for sigma, q, n in history if n > 0 and q > 0):
+        return math.inf  # no noise (or noise whoever has the seed can remove)
     from flwr.serverapp import (
         GaussianPrivacyEvent,
         NeighboringRelation,

@@ -39,11 +39,14 @@ def plan_round(
     budget: Budget,
     noise_multiplier: float | None = None,
     private: bool = True,
+    secret_noise: bool = True,
 ) -> RoundPlan:
     """σ for this round and the cumulative ε it leads to, or why it is refused.
 
     `noise_multiplier`: fixed by the config or kept from this run's earlier rounds: used
     as is, no search. None: the smallest σ that keeps the planned steps within the target.
+    `secret_noise` false (noise derived from a seed): σ is planned as for secret noise,
+    but the round costs ε = ∞, since the noise can be subtracted by whoever knows the seed.
     """
     spent = earlier_runs + this_run
     before = epsilon(spent, delta)
@@ -61,7 +64,7 @@ def plan_round(
             return RoundPlan(0.0, before, before,
                              f"budget exhausted: ε={before:.3f} spent, no noise level fits "
                              f"{planned_steps} more steps under ε={cap:g}")
-    after = epsilon(spent + [(sigma, sample_rate, steps)], delta)
+    after = epsilon(spent + [(sigma if secret_noise else 0.0, sample_rate, steps)], delta)
     if budget.epsilon is not None and after > budget.epsilon:
         return RoundPlan(sigma, before, after,
                          f"this round would bring ε to {after:.3f}, over the budget "

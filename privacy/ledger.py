@@ -67,9 +67,18 @@ class Entry:
     # the neighbouring relation `epsilon` was computed under; entries written before
     # fedslm recorded it were charged under add-remove (Opacus' RDP)
     relation: str = ADD_REMOVE
+    # the noise and sampling were derived from a seed (`reproducible`): whoever knows the
+    # seed can subtract the noise, so this entry counts as no noise at all (ε = ∞)
+    seeded: bool = False
 
     @property
     def mechanism(self) -> Mechanism:
+        """What this entry's release cost, as every accountant sees it."""
+        return (0.0 if self.seeded else self.noise_multiplier, self.sample_rate, self.steps)
+
+    @property
+    def planned(self) -> Mechanism:
+        """The mechanism as planned (σ as drawn), also for a seeded entry."""
         return (self.noise_multiplier, self.sample_rate, self.steps)
 
 

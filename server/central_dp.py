@@ -136,12 +136,13 @@ class CentralDP(Strategy):
 
     def _charge(self, rnd: int, q: float) -> float:
         """Append this round's release to the ledger (before it is made); its ε."""
-        history = self.ledger.history() + [(self.noise_multiplier, q, 1)]
+        seeded = self.seed is not None  # reproducible: the seed gives the noise away
+        history = self.ledger.history() + [(0.0 if seeded else self.noise_multiplier, q, 1)]
         eps = epsilon(history, self.delta, "rdp", ADD_REMOVE)
         self.ledger.append(Entry(
             run_id=self.run_id, round=rnd, client=SERVER_CLIENT, dataset="federation",
             noise_multiplier=self.noise_multiplier, sample_rate=q, steps=1, delta=self.delta,
             accountant="rdp", relation=ADD_REMOVE, epsilon=eps,
-            time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seeded=seeded,
         ))
         return eps

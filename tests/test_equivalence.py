@@ -2,7 +2,9 @@
 final adapter and the metrics recorded before it (tests/data/equivalence/, made by the
 code at c3d90be with FEDSLM_WRITE_REFERENCE=1; made again when the clients' accounting
 moved to replace-one adjacency, which changes σ and ε, and so the noised adapters, by
-design; round 0 and every decision that does not depend on σ stayed as they were)."""
+design; round 0 and every decision that does not depend on σ stayed as they were; and
+again when seeded noise came to count as no noise: only the ε values became null, the
+adapters stayed byte for byte)."""
 
 from __future__ import annotations
 

@@ -156,3 +156,20 @@ def test_a_file_that_is_not_a_ledger_is_refused(tmp_path):
         Ledger(bad)
     with pytest.raises(LedgerError, match="no ledger"):
         Ledger(tmp_path / "missing.sqlite", create=False)
+
+
+def test_seeded_noise_is_recorded_as_no_noise(tiny_model, text_clients, tmp_path):
+    """`reproducible` derives the noise from a seed: whoever knows the seed can subtract
+    it, so the round's ε is ∞ in the reply and the ledger, and the audit agrees."""
+    from privacy.audit import audit_ledger
+
+    s = client_settings(tiny_model, text_clients, tmp_path, reproducible=True)
+    _, metrics, info = train_round(s, {})
+    assert metrics["noise-multiplier"] > 0 and metrics["epsilon"] == -1.0  # ∞ on the wire
+    with Ledger(tmp_path / info["client"] / LEDGER_FILE) as ledger:
+        (entry,) = ledger.entries()
+    assert entry.seeded and entry.epsilon == float("inf") and entry.noise_multiplier > 0
+    report = audit_ledger(tmp_path / info["client"] / LEDGER_FILE)
+    assert report.ok and report.epsilon == float("inf")
+    secret = client_settings(tiny_model, text_clients, tmp_path / "secret")
+    assert train_round(secret, {})[1]["epsilon"] > 0  # a secret seed: finite

@@ -176,8 +176,7 @@ def test_clients_that_start_from_different_adapters_stop_the_run(tmp_path):
 
 
 def test_central_dp_over_ffa_lora_charges_each_round_and_keeps_a(tmp_path):
-    run_dir = run(tmp_path, Clients(), **{"strategy": "ffa-lora", "central-dp": True,
-                                          "reproducible": True})
+    run_dir = run(tmp_path, Clients(), **{"strategy": "ffa-lora", "central-dp": True})
     lines = read_metrics(run_dir)
     assert lines[0]["central_epsilon"] == 0.0
     assert 0 < lines[1]["central_epsilon"] < lines[2]["central_epsilon"]
@@ -186,6 +185,14 @@ def test_central_dp_over_ffa_lora_charges_each_round_and_keeps_a(tmp_path):
     assert entries[-1].epsilon == lines[2]["central_epsilon"]
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert np.array_equal(adapter[A], START[A])
+
+
+def test_seeded_central_noise_is_recorded_as_no_noise(tmp_path):
+    """reproducible: the server's noise follows the seed in config.json, so ε = ∞."""
+    run_dir = run(tmp_path, Clients(), **{"central-dp": True, "reproducible": True})
+    assert [line["central_epsilon"] for line in read_metrics(run_dir)] == [0.0, None, None]
+    entries = Ledger(server_ledger(run_dir)).entries()
+    assert all(e.seeded and e.epsilon == float("inf") for e in entries)
 
 
 def test_a_stopped_run_resumes_to_the_same_result(tmp_path):

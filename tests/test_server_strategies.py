@@ -226,8 +226,11 @@ def test_central_dp_noise_is_seeded_per_round_and_charged_before_release(tmp_pat
     assert np.array_equal(out[A], a)  # FFA-LoRA: A is never sent, never noised
     [entry] = dp.ledger.entries()
     assert (entry.client, entry.round, entry.sample_rate, entry.steps) == (SERVER_CLIENT, 4, 1.0, 1)
-    assert entry.epsilon == dp.privacy_spent() == epsilon([(1.5, 1.0, 1)], 1e-5, "rdp",
-                                                          "add-remove")
+    # the noise follows the seed: whoever knows it can remove it, so ε = ∞ (as no noise)
+    assert entry.seeded and entry.noise_multiplier == 1.5
+    assert entry.epsilon == dp.privacy_spent() == np.inf
+    assert epsilon([entry.planned], 1e-5, "rdp", "add-remove") == \
+        epsilon([(1.5, 1.0, 1)], 1e-5, "rdp", "add-remove")  # as planned with a secret seed
     assert entry.relation == "add-remove"  # user level: a whole client added or removed
     dp.close()
 
