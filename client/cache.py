@@ -22,7 +22,6 @@ from client import data as data_mod
 from client import frozen_prefix, tasks
 from client.adapter import adapter_config_json, attach_for_strategy
 from client.base_model import (
-    EMBEDDED,
     Quantization,
     choose_quantization,
     count_params,
@@ -126,8 +125,9 @@ class Session:
         loaded = cls._model_for(model_key, s, threads)
         device = next(loaded.model.parameters()).device
         data = cls._data_for(data_key, s, loaded, device)
-        base_name = s.model if s.model != EMBEDDED else loaded.source
-        cls._current = cls(key, loaded, data, adapter_config_json(loaded.model, base_name),
+        # the model as the run named it: a cache path would tell the server this device's
+        # folders (the adapter config leaves the device with every reply)
+        cls._current = cls(key, loaded, data, adapter_config_json(loaded.model, s.model),
                            device_profile)
         return cls._current
 

@@ -34,6 +34,21 @@ log = logging.getLogger("fedslm")
 Reply = tuple[Arrays, dict[str, float], dict[str, str]]  # (arrays, metrics, info)
 
 
+TRAIN, EVALUATE = "train", "evaluate"
+OK, DROPOUT = "ok", "dropout"
+
+
+def run_round(kind: str, s: ClientSettings, arrays: Arrays) -> tuple[str, object]:
+    """A train or evaluate round in this process: ("ok", (arrays, metrics, info)) or
+    ("dropout", reason) for a simulated dropout. The ClientApp (client/app.py) and a
+    device's process (client/device.py) both come here; errors are raised."""
+    if kind == EVALUATE:
+        return OK, evaluate_round(s, dict(arrays))
+    if simulated_dropout(s):  # an error reply, as from a device that failed
+        return DROPOUT, f"simulated dropout (dropout-rate={s.dropout_rate:g})"
+    return OK, train_round(s, dict(arrays))
+
+
 def simulated_dropout(s: ClientSettings) -> bool:
     """Whether this client fails this round (`dropout-rate`, for simulating unreliable
     devices); decided before any training, so a dropped round spends no privacy."""
@@ -50,6 +65,7 @@ def train_round(s: ClientSettings, arrays: Arrays) -> Reply:
     A round the budget does not allow returns no arrays and says why in info["status"].
     """
     session = Session.get(s)
+    _load_global(session, arrays, s)  # an adapter that does not fit fails before any charge
     verdict, plan, ledger_id = charge_round(s=s, client=session.client,
                                             num_examples=len(session.train),
                                             dataset=session.train.fingerprint())
@@ -57,7 +73,6 @@ def train_round(s: ClientSettings, arrays: Arrays) -> Reply:
         log.warning("client %s round %d: not training: %s", session.client, s.round,
                     verdict.refused)
         return {}, _budget_metrics(s, verdict), _info(session, "", ledger_id, verdict.refused)
-    _load_global(session, arrays, s)
     with session.energy_meter() as meter:
         result = _train(session, s, plan, verdict)
     # The training loss, the Poisson batch sizes and the timings are functions of the

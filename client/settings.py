@@ -52,7 +52,6 @@ class ClientSettings:
     lora_targets: tuple[str, ...]
     lora_layers: int  # LoRA on the top N decoder layers (0: all)
     frozen_cache: bool  # cache the frozen lower layers' outputs (client/frozen_prefix.py)
-    worker: str  # a `fedslm supernode`'s long-lived model process ("": run in this process)
     dp: bool
     target_epsilon: float
     delta: float
@@ -114,7 +113,6 @@ def _model_fields(c: dict[str, Any]) -> dict[str, Any]:
         "threads": c["threads"], "lora_dropout": c["lora-dropout"],
         "lora_targets": tuple(t.strip() for t in c["lora-targets"].split(",") if t.strip()),
         "lora_layers": c["lora-layers"], "frozen_cache": c["frozen-cache"],
-        "worker": c["worker"],
         "seed": c["seed"], "reproducible": c["reproducible"], "cache_dir": c["cache-dir"],
         "strategy": c["strategy"], "update_encoding": c["update-encoding"],
         "dropout_rate": c["dropout-rate"],

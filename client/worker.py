@@ -1,201 +1,170 @@
-"""A SuperNode's long-lived model process: a device loads its model once per run.
+"""A device's own ClientApp process: it serves the SuperNode's messages with the code the
+owner installed, never with the coordinator's app bundle.
 
-Flower starts a fresh ClientApp process for every message (train, evaluate), and loading
-torch and the model there took about half of every round. `fedslm supernode`
-(deploy/launch.py) therefore starts this worker next to `flower-supernode` and gives the
-ClientApp its socket in the node config (`worker`). The ClientApp (client/app.py) only
-forwards the message here and packs the reply; the worker runs the round with the model
-it keeps loaded (client/cache.py) across messages and runs, and loads it again only when
-a run changes the model (another model, quantization, LoRA rank or targets, ...).
+Flower 1.42 runs the app bundle that `flwr run` uploads on every SuperNode: a fresh
+`flwr-clientapp` process installs it and imports it, as the device's OS user, with the
+device's data, ledger and keys in reach. `fedslm supernode` (deploy/launch.py) therefore
+starts `flower-supernode --isolation process`, which starts no app process itself, and
+starts this process in Flower's SuperExec's place. It asks the SuperNode's Runtime API
+(on 127.0.0.1, with the SuperExec secret only the owner's account can read) for each
+ClientApp task, pulls the message and serves it with client/device.py under the owner's
+policy. The bundle's hash is logged; the bundle is never installed or imported. The
+model stays loaded across messages and runs (client/cache.py).
 
-The socket is an AF_UNIX socket in the node's state folder (mode 0600); a connection is
-authenticated with the 32-byte key in `worker.key` next to it (mode 0600), written anew
-by `fedslm supernode` at every start. Requests are served one at a time:
+The policy, the node config and the state folder come from this process's command line
+(the owner's `fedslm supernode`); nothing the SuperNode or the coordinator sends sets them.
 
-    request  (kind, config, node_config, arrays): kind "train" or "evaluate"; the message's
-             ConfigRecord and the node config as plain dicts; the received adapter
-    reply    ("ok", (arrays, metrics, info)), ("dropout", reason) for a simulated dropout,
-             or ("error", one line)
-
-This module's top level needs only the standard library and contracts/: the ClientApp
-imports it to call the worker and must not pay for torch.
+Flower internals this relies on (flwr is pinned to 1.42.0): the Runtime API's
+AcquireTask and its SuperExec authentication, `pull_task_input`, `push_message` and
+`push_task_output` of flwr.supernode.runtime.run_clientapp, HeartbeatSender.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
-from typing import Any
 
-from contracts.errors import FAILED, FedslmError
+from contracts.errors import FedslmError
 
-KEY_FILE = "worker.key"  # next to the socket; deploy/launch.py writes it
-FAMILY = "AF_UNIX"
-TRAIN, EVALUATE = "train", "evaluate"
-OK, DROPOUT, ERROR = "ok", "dropout", "error"
-Request = tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]
+POLL_SECONDS = 0.5  # between AcquireTask calls while no message waits
+ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 
 log = logging.getLogger("fedslm.worker")
 
 
-class WorkerError(FedslmError):
-    """The worker could not be reached, or the round failed in it (its one line)."""
+def serve(runtime: str, secret: bytes, device: object, stop_after: int | None = None) -> None:
+    """Take the SuperNode's ClientApp tasks one at a time and serve each with `device`
+    (client.device.Device); `stop_after` tasks, or forever."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import (
+        RuntimeVersionHttpInterceptor,
+        SuperExecAuthHttpInterceptor,
+    )
 
-    exit_code = FAILED
-
-
-def key_path(address: str | Path) -> Path:
-    return Path(address).with_name(KEY_FILE)
-
-
-def dropout_reason(rate: float) -> str:
-    """The error reply of a simulated dropout, the same in and out of the worker."""
-    return f"simulated dropout (dropout-rate={rate:g})"
-
-
-# --- the ClientApp's side ---------------------------------------------------------------
-
-def call(address: str, kind: str, config: dict[str, Any], node_config: dict[str, Any],
-         arrays: dict[str, Any]) -> tuple[str, Any]:
-    """Send one request to the worker at `address` and return its ("ok" | "dropout", body);
-    WorkerError for an unreachable worker or an error reply."""
-    try:
-        authkey = key_path(address).read_bytes()
-        conn = Client(address, family=FAMILY, authkey=authkey)
-    except (OSError, EOFError, AuthenticationError) as exc:
-        raise WorkerError(f"the fedslm worker at {address} is unreachable "
-                          f"({_one_line(exc)}): is its `fedslm supernode` running?") from None
-    with conn:
+    client = _runtime_client(runtime, [
+        RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+        SuperExecAuthHttpInterceptor(master_secret=secret,
+                                     protected_methods=frozenset({ACQUIRE_METHOD}))])
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value],
+                                 agentapp_fab_hashes=[])
+    served = loads = 0
+    log.info("serving the SuperNode at %s (pid %d)", runtime, os.getpid())
+    while stop_after is None or served < stop_after:
         try:
-            conn.send((kind, config, node_config, arrays))
-            status, body = conn.recv()
-        except (OSError, EOFError) as exc:
-            raise WorkerError(f"the fedslm worker at {address} stopped before it replied "
-                              f"({_one_line(exc)}); see the node's log") from None
-    if status == ERROR:
-        raise WorkerError(str(body))
-    return status, body
-
-
-# --- the worker's side ------------------------------------------------------------------
-
-def run_round(kind: str, config: dict[str, Any], node_config: dict[str, Any],
-               arrays: dict[str, Any]) -> tuple[str, Any]:
-    """Run a train or evaluate round in this process: ("ok", (arrays, metrics, info)) or
-    ("dropout", reason). The worker's requests and the ClientApp's own rounds (no worker)
-    both come here; errors are raised."""
-    from client.rounds import evaluate_round, simulated_dropout, train_round
-    from client.settings import ClientSettings
-
-    settings = ClientSettings.from_records(dict(config), dict(node_config))
-    if kind == EVALUATE:
-        return OK, evaluate_round(settings, dict(arrays))
-    if simulated_dropout(settings):  # an error reply, as from a device that failed
-        return DROPOUT, dropout_reason(settings.dropout_rate)
-    return OK, train_round(settings, dict(arrays))
-
-
-def handle(request: Any) -> tuple[str, Any]:
-    """One request's reply; never raises."""
-    try:
-        kind, config, node_config, arrays = request
-    except (TypeError, ValueError):
-        return ERROR, "a worker request is (kind, config, node_config, arrays)"
-    if kind not in (TRAIN, EVALUATE):
-        return ERROR, f"unknown request kind {kind!r} (expected {TRAIN!r} or {EVALUATE!r})"
-    try:
-        return run_round(kind, config, node_config, arrays)
-    except FedslmError as exc:
-        log.warning("%s failed: %s", kind, _one_line(exc))
-        return ERROR, _one_line(exc)
-    except Exception as exc:  # noqa: BLE001 - reported to the ClientApp, the worker goes on
-        log.exception("%s failed", kind)
-        return ERROR, f"{type(exc).__name__}: {_one_line(exc)}"
-
-
-class Worker:
-    """Serves requests on one socket, one at a time, and counts its model loads."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.loads = 0
-        self.served = 0
-
-    def serve_one(self, conn: Connection) -> None:
-        from client.cache import Session
-
-        try:
-            request = conn.recv()
-        except Exception as exc:  # noqa: BLE001 - a peer that sent nothing usable
-            log.warning("unreadable request: %s", _one_line(exc))
-            return
-        kind = request[0] if isinstance(request, tuple) and request else "?"
-        before, started = Session.loaded_model(), time.perf_counter()
-        reply = handle(request)
-        loaded = Session.loaded_model()
-        if loaded is not None and loaded is not before:
-            self.loads += 1
-            log.info("model loaded (load #%d): %s, quantization %s", self.loads,
-                     loaded.source, loaded.quantization.mode)
-        self.served += 1
-        log.info("%s request #%d: %s in %.1fs", kind, self.served, reply[0],
+            res = client.AcquireTask(request)
+        except Exception as exc:  # noqa: BLE001 - the SuperNode is starting or restarting
+            log.debug("no task: %s", exc)
+            time.sleep(POLL_SECONDS)
+            continue
+        if not (res.HasField("task") and res.token):
+            time.sleep(POLL_SECONDS)
+            continue
+        started, before = time.perf_counter(), _loaded()
+        kind, outcome = run_task(runtime, res.token, device)
+        served += 1
+        if _loaded() is not None and _loaded() is not before:
+            loads += 1
+            log.info("model loaded (load #%d): %s, quantization %s", loads, _loaded().source,
+                     _loaded().quantization.mode)
+        log.info("%s task #%d: %s in %.1fs", kind, served, outcome,
                  time.perf_counter() - started)
-        try:
-            conn.send(reply)
-        except OSError as exc:  # the ClientApp's process was stopped meanwhile
-            log.warning("could not send the reply: %s", _one_line(exc))
-
-    def serve(self, stop_after: int | None = None) -> None:
-        try:
-            authkey = key_path(self.address).read_bytes()
-        except OSError as exc:
-            raise WorkerError(f"cannot read the worker's key: {_one_line(exc)}") from None
-        with _listener(self.address, authkey) as listener:
-            log.info("listening on %s (pid %d)", self.address, os.getpid())
-            while stop_after is None or self.served < stop_after:
-                try:
-                    conn = listener.accept()
-                except (AuthenticationError, EOFError, OSError) as exc:
-                    log.warning("refused a connection: %s", _one_line(exc))
-                    continue
-                with conn:
-                    self.serve_one(conn)
 
 
-def _listener(address: str, authkey: bytes) -> Listener:
-    """The listening socket, created 0600 (only this user can connect at all)."""
-    old = os.umask(0o177)
+def _loaded() -> object:
+    from client.cache import Session
+
+    return Session.loaded_model()
+
+
+def run_task(runtime: str, token: str, device: object) -> tuple[str, str]:
+    """Pull one task's message, serve it, push the reply; (message type, outcome)."""
+    from flwr.common.constant import SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+    )
+    from flwr.supernode.runtime.run_clientapp import (
+        pull_task_input,
+        push_message,
+        push_task_output,
+    )
+
+    client = _runtime_client(runtime, [
+        RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+        RuntimeTokenHttpInterceptor(token)])
+    heartbeat = HeartbeatSender(_heartbeat(client))
+    context, status, kind, outcome = None, SubStatus.FAILED, "?", "failed"
     try:
-        return Listener(address, family=FAMILY, backlog=16, authkey=authkey)
-    except OSError as exc:
-        raise WorkerError(f"cannot listen on {address}: {_one_line(exc)}") from None
+        heartbeat.start()
+        message, context, run, fab = pull_task_input(client)
+        kind = message.metadata.message_type
+        log.info("run %s: %s message; the coordinator's app bundle %s (%s) is not run "
+                 "here", run.run_id, message.metadata.message_type, run.fab_id or "?",
+                 fab.hash_str[:12])
+        reply = device.handle(message, coordinator_of(run))  # type: ignore[attr-defined]
+        push_message(client, reply, context)
+        status = SubStatus.COMPLETED
+        outcome = f"error reply {reply.error.reason}" if reply.has_error() else "ok"
+    except Exception:  # noqa: BLE001 - one task's failure must not stop the device
+        log.exception("a task failed")
     finally:
-        os.umask(old)
+        try:
+            push_task_output(client=client, context=context, sub_status=status, details="")
+        except Exception:  # noqa: BLE001 - the SuperNode expires the task itself
+            log.exception("could not close the task")
+        if heartbeat.is_running:
+            heartbeat.stop()
+        client.close()
+    return kind, outcome
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+def coordinator_of(run: object) -> str:
+    """Who submitted the run, as the SuperLink says: its account and federation."""
+    account = getattr(run, "flwr_aid", "") or getattr(run, "account_name", "") or "-"
+    return f"account {account}, federation {getattr(run, 'federation_id', '') or '-'}"
+
+
+def _runtime_client(runtime: str, interceptors: list) -> object:
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    return RuntimeHttpClient.from_server_address(
+        server_address=runtime, insecure=True, root_certificates=None,
+        interceptors=interceptors,
+        retry_invoker=make_simple_http_retry_invoker())
+
+
+def _heartbeat(client: object):
+    """Flower's task heartbeat, without its SIGINT to this process when the SuperNode
+    no longer knows the task (that ends the task here, not the device)."""
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    def beat() -> bool:
+        try:
+            return bool(client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success)
+        except Exception:  # noqa: BLE001 - retried by the sender
+            return False
+
+    return beat
 
 
 def _configure_logging() -> None:
     """The worker's lines, the rounds' lines and their progress go to stderr: the node's log."""
-    for name, prefix in (("fedslm.worker", "fedslm worker"), ("fedslm", "fedslm")):
-        logger = logging.getLogger(name)
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}: %(message)s",
-                                               "%H:%M:%S"))
-        logger.handlers[:] = [handler]
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s fedslm: %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("fedslm")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
@@ -217,28 +186,50 @@ def _exit(signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client.worker", description=__doc__.split(
-        "\n")[0])
-    p.add_argument("--address", required=True, help="the AF_UNIX socket to listen on; its "
-                   f"key is read from {KEY_FILE} next to it")
+    p = argparse.ArgumentParser(prog="python -m client.worker",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--runtime", required=True, help="the SuperNode's Runtime API, HOST:PORT")
+    p.add_argument("--secret", required=True, help="the SuperExec secret's file")
+    p.add_argument("--policy", required=True, help="the owner's policy file")
+    p.add_argument("--state", required=True, help="the node's state folder")
+    p.add_argument("--superlink", default="", help="the SuperLink this node serves")
+    p.add_argument("--node-config", default="{}", help="the node's own keys, as JSON")
     args = p.parse_args(argv)
     _configure_logging()
     _exit_with_parent()
-    signal.signal(signal.SIGTERM, _exit)  # closing the listener removes the socket
+    signal.signal(signal.SIGTERM, _exit)
     import warnings
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    import client.rounds  # noqa: F401 - torch and the stack before the socket says "ready"
-
     try:
-        Worker(args.address).serve()
-    except FedslmError as exc:
+        device = make_device(args)
+        secret = Path(args.secret).read_bytes()
+        import client.rounds  # noqa: F401 - torch and the stack before the first task
+
+        serve(args.runtime, secret, device)
+    except (FedslmError, OSError) as exc:
         print(f"fedslm worker: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def make_device(args: argparse.Namespace) -> object:
+    from client.device import Device
+    from client.policy import checked_node_config, load_policy
+    from privacy.device_record import DeviceState
+
+    policy = load_policy(args.policy)
+    node = checked_node_config(json.loads(args.node_config))
+    state = Path(args.state).resolve()
+    with DeviceState(state) as record:
+        record.record_policy(policy.to_json())
+    log.info("policy %s: lifetime budget epsilon %g (delta %g), at most epsilon %g per run, "
+             "DP %s", policy.source, policy.budget_epsilon, policy.budget_delta,
+             policy.per_run_epsilon, "optional" if policy.allow_non_dp else "required")
+    return Device(policy, node, state, args.superlink)
 
 
 if __name__ == "__main__":

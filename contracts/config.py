@@ -77,11 +77,12 @@ def _device(v: Any) -> str | None:
 
 
 def _auto_or_non_negative(v: Any) -> str | None:
-    return None if v == "auto" or v >= 0 else "must be 'auto' or >= 0"
+    return None if v == "auto" or 0 <= v < math.inf else "must be 'auto' or >= 0 and finite"
 
 
 # keys that take "auto" or a number of this type
-AUTO_OR_NUMBER = {"noise-multiplier": float, "micro-batch-tokens": int}
+AUTO_OR_NUMBER = {"noise-multiplier": float, "micro-batch-tokens": int,
+                  "max-update-norm": float}
 
 
 def _targets(v: Any) -> str | None:
@@ -113,8 +114,9 @@ SCHEMA: dict[str, Key] = {k.name: k for k in (
     K("node-wait", 600.0, "seconds to wait for enough clients to connect", positive, SERVER),
     K("min-replies", 1, "fewest usable updates for a round to count (fewer: the round's "
       "training is skipped)", positive, SERVER),
-    K("max-update-norm", 0.0, "reject an update that moves the adapter more than this in L2 "
-      "norm (0 = no limit)", non_negative, SERVER),
+    K("max-update-norm", "auto", "reject an update that moves the adapter more than this in "
+      "L2 norm: `auto` = the most an honest client's DP-clipped local steps can move it "
+      "(docs/deployment.md), a number fixes it, 0 = no limit", _auto_or_non_negative, SERVER),
     K("resume", "", "a run directory to go on with after its last completed round (with "
       "that run's own config)", scope=SERVER),
     K("strategy", "fedavg", f"aggregation: {', '.join(STRATEGIES)} (see docs/strategies.md)",
@@ -203,8 +205,6 @@ SCHEMA: dict[str, Key] = {k.name: k for k in (
     K("partition-id", 0, "which data partition this node holds", non_negative, NODE_ONLY),
     K("client", "", "this node's client name (default: from its data)", scope=NODE_ONLY),
     K("state-dir", "", "this node's state folder (ledger, model cache)", scope=NODE_ONLY),
-    K("worker", "", "set by `fedslm supernode`: the node's long-lived model process "
-      "(internal)", scope=NODE_ONLY),
     K("num-partitions", 0, "set by Flower's simulation engine (unused)", scope=NODE_ONLY),
     K("release-stats", False, "send the server this device's timings, energy, memory and "
       "held-out evaluation sums: outside DP, the data owner's choice (docs/privacy.md; "

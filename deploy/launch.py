@@ -2,25 +2,26 @@
 with TLS, SuperNode authentication and the settings that keep their traffic on the
 addresses given (no telemetry, no update check, no hub, no runtime `uv sync`).
 
-`fedslm superlink` (and `fedslm supernode --no-worker`) replaces itself with Flower's
-process (`flower-superlink`, `flower-supernode`), so signals and exit codes are Flower's.
-`fedslm supernode` stays the parent of two processes: the node's worker
-(`python -m client.worker`, the long-lived process that keeps the model loaded, see
-client/worker.py) and `flower-supernode`, whose ClientApps forward each message to the
-worker. It forwards SIGINT/SIGTERM to both, stops the other when one exits and exits with
-flower-supernode's code.
+`fedslm superlink` replaces itself with `flower-superlink`, so signals and exit codes are
+Flower's. `fedslm supernode` checks the owner's policy file, then stays the parent of two
+processes: `flower-supernode --isolation process` (which starts no app process, so the
+coordinator's app bundle never runs on the device) and the device's worker
+(`python -m client.worker`, the owner's installed ClientApp under the policy, keeping the
+model loaded; see client/worker.py). They share a SuperExec secret (0600) for the
+SuperNode's Runtime API on 127.0.0.1. It forwards SIGINT/SIGTERM to both, stops the other
+when one exits and exits with flower-supernode's code.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import re
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,12 +40,12 @@ INSECURE_WARNING = ("fedslm: WARNING: --insecure: TLS is OFF. Adapters, metrics 
                     "network.")
 
 
-# The worker's files in the node's state folder. client/worker.py reads the key next to
-# the socket (KEY_FILE there); deploy/ may not import client/, hence the names twice.
-WORKER_SOCKET, WORKER_KEY = "worker.sock", "worker.key"
-SOCKET_PATH_MAX = 103  # bytes of an AF_UNIX path (104 on macOS, 108 on Linux, with its NUL)
-WORKER_READY_SECONDS = 300.0  # importing torch on a slow device
+SECRET_FILE = "superexec.secret"  # in the node's state folder, 0600, new at each start
 STOP_SECONDS = 30.0  # a child's graceful exit before it is killed
+NO_WORKER = ("--no-worker is gone: it ran the coordinator's app bundle with this device's "
+             "data, ledger and keys in reach. A device always runs its own installed "
+             "ClientApp under its policy (docs/deployment.md); a coordinator you trust can "
+             "run plain `flower-supernode`")
 
 
 class DeployError(FedslmError):
@@ -134,19 +135,14 @@ def parse_node_config(text: str) -> dict[str, object]:
 
 
 def supernode_command(ca: Path | None, key: Path | None, superlink: str, port: int,
-                      state: Path, node_config: str, insecure: bool,
-                      worker: Path | None = None) -> list[str]:
-    """The node's state folder holds its ledger, its model cache and Flower's app store;
-    `worker` is the socket of the node's worker (None: each ClientApp loads the model)."""
+                      state: Path, insecure: bool) -> list[str]:
+    """flower-supernode in process isolation: its Runtime API on 127.0.0.1:`port`, open
+    for tasks only to a holder of the state folder's SuperExec secret."""
     check_address(superlink)
     check_port(port, "--port")
-    if "worker" in parse_node_config(node_config):
-        raise DeployError("--node-config: `worker` is set by `fedslm supernode` itself")
-    settings = f"state-dir={_toml(state)} cache-dir={_toml(state / 'cache')}"
-    if worker is not None:
-        settings += f" worker={_toml(worker)}"
     command = ["flower-supernode", "--superlink", superlink, "--host", "127.0.0.1",
-               "--port", str(port), "--node-config", f"{settings} {node_config}".strip()]
+               "--port", str(port), "--isolation", "process",
+               "--superexec-auth-secret-file", str(state.resolve() / SECRET_FILE)]
     if key is not None:
         command += ["--auth-supernode-private-key", _need(key, "SuperNode private key")]
     if insecure:
@@ -154,6 +150,14 @@ def supernode_command(ca: Path | None, key: Path | None, superlink: str, port: i
     if ca is None:
         raise DeployError("give --ca (the federation's CA certificate) or ask for --insecure")
     return command + ["--root-certificates", _need(ca, "CA certificate")]
+
+
+def worker_command(port: int, state: Path, policy: Path, superlink: str,
+                   node_config: dict[str, object]) -> list[str]:
+    return [sys.executable, "-m", "client.worker", "--runtime", f"127.0.0.1:{port}",
+            "--secret", str(state.resolve() / SECRET_FILE), "--policy", str(policy.resolve()),
+            "--state", str(state.resolve()), "--superlink", superlink,
+            "--node-config", json.dumps(node_config)]
 
 
 def _toml(path: Path) -> str:
@@ -184,35 +188,21 @@ def start_superlink(certs: Path | None, address: str, port: int, state: Path,
 
 
 def start_supernode(ca: Path | None, key: Path | None, superlink: str, port: int, state: Path,
-                    node_config: str, insecure: bool, worker: bool = True) -> int:
-    """Start the node; with `worker`, its worker first (the exit code is flower-supernode's),
-    without, replace this process with flower-supernode."""
-    address = worker_socket(state) if worker else None
-    command = supernode_command(ca, key, superlink, port, state, node_config, insecure,
-                                address)
+                    node: dict[str, object], insecure: bool, policy: Path) -> int:
+    """Start the node and its worker (the policy and node config were checked by the
+    caller); the exit code is flower-supernode's."""
+    command = supernode_command(ca, key, superlink, port, state, insecure)
     _warn_if(insecure)
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if address is None:
-        run(command, state / "flwr")
-    return supervise(command, state / "flwr", address)
+    return supervise(command, worker_command(port, state, policy, superlink, node),
+                     state / "flwr", state / SECRET_FILE)
 
 
-def worker_socket(state: Path) -> Path:
-    path = state.resolve() / WORKER_SOCKET
-    if len(os.fsencode(str(path))) > SOCKET_PATH_MAX:
-        raise DeployError(f"--state: the worker's socket {path} would be longer than "
-                          f"{SOCKET_PATH_MAX} bytes; give a shorter state folder (or "
-                          "--no-worker)")
-    return path
-
-
-def supervise(command: list[str], flwr_home: Path, address: Path) -> int:
-    """Start the worker, wait until it listens, start flower-supernode; forward SIGINT and
-    SIGTERM to both; when one exits, stop the other. flower-supernode's exit code."""
+def supervise(command: list[str], worker: list[str], flwr_home: Path, secret: Path) -> int:
+    """Start flower-supernode and the device's worker; forward SIGINT and SIGTERM to
+    both; when one exits, stop the other. flower-supernode's exit code."""
     env = node_environ(flwr_home)
-    _free_socket(address)
-    key = address.with_name(WORKER_KEY)
-    _write_key(key)
+    _write_secret(secret)
     children: dict[str, subprocess.Popen] = {}
     received: list[int] = []
 
@@ -223,35 +213,32 @@ def supervise(command: list[str], flwr_home: Path, address: Path) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        children["worker"] = _spawn([sys.executable, "-m", "client.worker",
-                                     "--address", str(address)], env)
-        _wait_ready(address, children["worker"], received)
-        if received:
-            return _stop_all(children, received)
         print("fedslm: " + shlex.join(command), file=sys.stderr, flush=True)
         children["node"] = _spawn([sys.executable, "-m", "deploy.supernode_poll",
                                    *command[1:]], env)
+        children["worker"] = _spawn(worker, env)
         while all(child.poll() is None for child in children.values()):
             time.sleep(0.2)
         if children["worker"].poll() is not None and not received:
             print(f"fedslm: the worker exited (code {children['worker'].returncode}); "
                   "stopping the SuperNode", file=sys.stderr, flush=True)
-        return _stop_all(children, received or [signal.SIGTERM])
+        return _stop_all(children, received)
     finally:
         for child in children.values():  # an error above: nothing outlives this process
             if child.poll() is None:
                 _kill(child)
         for s, handler in previous.items():
             signal.signal(s, handler)
-        for path in (address, key):
-            path.unlink(missing_ok=True)
+        secret.unlink(missing_ok=True)
 
 
 def _stop_all(children: dict[str, subprocess.Popen], received: list[int]) -> int:
-    """Stop what still runs (with the signal received, else SIGTERM); the node's code."""
-    for child in children.values():
-        if child.poll() is None:
-            _signal(child, received[0])
+    """Wait for the children to stop: those a received signal already reached are left to
+    finish (a second signal would cut flower-supernode's goodbye to the SuperLink short);
+    after a child's own exit, the other is sent SIGTERM. The node's exit code."""
+    if not received:
+        for child in children.values():
+            _signal(child, signal.SIGTERM)
     deadline = time.monotonic() + STOP_SECONDS
     for child in children.values():
         try:
@@ -260,7 +247,7 @@ def _stop_all(children: dict[str, subprocess.Popen], received: list[int]) -> int
             _kill(child)
     node = children.get("node")
     if node is None:  # stopped before flower-supernode started
-        return 128 + received[0]
+        return 128 + (received or [signal.SIGTERM])[0]
     code = node.returncode
     worker = children["worker"].returncode
     return code if code or worker in (0, -signal.SIGTERM, -signal.SIGINT) else FAILED
@@ -298,33 +285,7 @@ def _kill(child: subprocess.Popen) -> None:
     child.wait()
 
 
-def _wait_ready(address: Path, worker: subprocess.Popen, received: list[int]) -> None:
-    deadline = time.monotonic() + WORKER_READY_SECONDS
-    while not address.exists() and not received:
-        if worker.poll() is not None:
-            raise NodeFailed(f"the node's worker exited with code {worker.returncode} before "
-                             "it listened (its error is above)")
-        if time.monotonic() > deadline:
-            raise NodeFailed(f"the node's worker did not listen on {address} within "
-                             f"{WORKER_READY_SECONDS:.0f}s")
-        time.sleep(0.1)
-
-
-def _free_socket(address: Path) -> None:
-    """Remove a socket left by a node that was killed; refuse one that is in use."""
-    if not os.path.lexists(address):
-        return
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(str(address))
-        except OSError:
-            address.unlink()
-            return
-    raise DeployError(f"a worker already listens on {address}: is another `fedslm "
-                      f"supernode` running with --state {address.parent}?")
-
-
-def _write_key(path: Path) -> None:
+def _write_secret(path: Path) -> None:
     """32 random bytes, readable by this user only (0600 from creation on)."""
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -40,7 +40,7 @@ def shorten_idle_poll(poll: float = IDLE_POLL_SECONDS) -> None:
 
     if getattr(loop, "time", None) is not time or "time.sleep(3)" not in inspect.getsource(loop):
         raise RuntimeError("this Flower's SuperNode loop is not flwr 1.42's: cannot shorten "
-                           "its idle poll (run `fedslm supernode --no-worker` for plain Flower)")
+                           "its idle poll")
     loop.time = _Clock(poll)
 
 

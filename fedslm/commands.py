@@ -168,20 +168,28 @@ def supernode_arguments(p: argparse.ArgumentParser) -> None:
                    help="local port of the node's app runtime (one per node on a machine)")
     p.add_argument("--state", required=True, help="the node's state folder: privacy ledger, "
                    "model cache, Flower's app store")
+    p.add_argument("--policy", help="the device owner's policy file (TOML): DP, lifetime "
+                   "budget, data, models, caps (docs/deployment.md)")
     p.add_argument("--node-config", default="",
-                   help="e.g. \"partition-id=0 device-profile='raspberry-pi-5'\"")
+                   help="the node's own settings, e.g. \"device-profile='raspberry-pi-5' "
+                   "threads=2\"")
     p.add_argument("--insecure", action="store_true", help="no TLS")
-    p.add_argument("--no-worker", action="store_true", help="no long-lived worker: each "
-                   "message's ClientApp process loads torch and the model itself (slower "
-                   "rounds; no model held in memory between messages)")
+    p.add_argument("--no-worker", action="store_true", help=argparse.SUPPRESS)
 
 
 def supernode(args: argparse.Namespace) -> int:
-    from deploy.launch import start_supernode
+    from client.policy import checked_node_config, load_policy
+    from deploy.launch import NO_WORKER, DeployError, parse_node_config, start_supernode
 
+    if args.no_worker:
+        raise DeployError(NO_WORKER)
+    if not args.policy:
+        raise DeployError("give --policy: the device's own privacy policy, with its lifetime "
+                          "budget (docs/deployment.md, Writing a device policy)")
+    load_policy(args.policy)  # a bad policy: one line naming the file and key, exit 2
+    node = checked_node_config(parse_node_config(args.node_config))
     return start_supernode(_path(args.ca), _path(args.key), args.superlink, args.port,
-                           Path(args.state), args.node_config, args.insecure,
-                           worker=not args.no_worker)
+                           Path(args.state), node, args.insecure, Path(args.policy))
 
 
 def bench_arguments(p: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ from contracts import rundir
 from contracts.errors import FedslmError
 from contracts.rundir import finite
 from contracts.wire import Status, format_epsilon
+from privacy import device_record
 from privacy.accountant import ADD_REMOVE, REPLACE_ONE, epsilon, flower_rdp
 from privacy.ledger import Entry, Ledger, LedgerError
 
@@ -129,8 +130,8 @@ def _report(path: Path, entries: list[Entry], problems: list[str]) -> LedgerRepo
         budget_epsilon=budget, within_budget=within, chain_intact=chain_intact,
         relation=relation, accountants=accountants,
         history=[{"run_id": e.run_id, "round": e.round, "noise_multiplier": e.noise_multiplier,
-                  "sample_rate": e.sample_rate, "steps": e.steps, "epsilon": e.epsilon}
-                 for e in entries],
+                  "sample_rate": e.sample_rate, "steps": e.steps, "epsilon": e.epsilon,
+                  "seeded": e.seeded} for e in entries],
         problems=problems,
     )
 
@@ -188,7 +189,8 @@ def _server_check(report: LedgerReport, config: dict[str, Any]) -> None:
     sampling of the run's clients, add/remove one client)."""
     if report.client != rundir.SERVER_CLIENT or not report.history or report.delta is None:
         return
-    history = [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in report.history]
+    history = [(0.0 if h["seeded"] else h["noise_multiplier"], h["sample_rate"], h["steps"])
+               for h in report.history]  # seeded noise is no noise (privacy/ledger.py)
     try:
         value = flower_rdp(history, report.delta, int(config["num-clients"]))
     except ValueError as exc:  # Flower's events need whole samples of the population
@@ -205,6 +207,8 @@ def _server_check(report: LedgerReport, config: dict[str, Any]) -> None:
 def audit(path: str | Path) -> dict[str, Any]:
     """The `fedslm audit --json` object: {"ok", "clients": [...]}."""
     path = Path(path)
+    if path.is_dir() and (path / device_record.FILE).is_file():
+        return audit_device(path)
     if path.is_dir():
         ledgers, config = _run_ledgers(path)
         lines = _metrics(path)
@@ -237,6 +241,69 @@ def audit(path: str | Path) -> dict[str, Any]:
         result["empirical"] = _check_empirical(json.loads(empirical.read_text()))
         result["ok"] = result["ok"] and not result["empirical"]["problems"]
     return result
+
+
+def audit_device(state: Path) -> dict[str, Any]:
+    """A deployed device's state folder: its ledger, its lifetime spend per run and
+    coordinator, the policy it runs under and every refusal with its reason."""
+    ledger = rundir.ledger_path(state)
+    reports = [audit_ledger(ledger)] if ledger.is_file() else []
+    try:
+        with device_record.DeviceState(state, create=False) as record:
+            plans, refusals, policies = record.plans(), record.refusals(), record.policies()
+    except sqlite3.DatabaseError as exc:
+        raise AuditInputError(f"{state / device_record.FILE} is unreadable: {exc}") from None
+    entries = _entries(ledger) if ledger.is_file() else []
+    policy = policies[-1][1] if policies else {}
+    runs = []
+    for run_id in dict.fromkeys(e.run_id for e in entries):
+        mine = [e for e in entries if e.run_id == run_id]
+        plan = next((p for p in plans if p[3].get("run-id") == run_id), None)
+        runs.append({"run_id": run_id, "coordinator": plan[1] if plan else "-",
+                     "rounds": len(mine), "planned_rounds": plan[3].get("num-server-rounds")
+                     if plan else None, "epsilon": epsilon([e.mechanism for e in mine],
+                                                           mine[-1].delta),
+                     "epsilon_after": mine[-1].epsilon})
+    problems = []
+    cap = policy.get("max-epsilon-per-run") or policy.get("budget-epsilon")
+    problems += [f"run {r['run_id']}: ε={r['epsilon']:.4f} is over the policy's per-run "
+                 f"ε={cap:g}" for r in runs if cap and r["epsilon"] > cap * (1 + 1e-9)]
+    clients = [{**asdict(r), "ok": r.ok} for r in reports]
+    return {"ok": all(r.ok for r in reports) and not problems, "clients": clients,
+            "privacy_flags": [], "device": {
+                "state": str(state), "policy": policy, "policy_since": policies[-1][0]
+                if policies else None, "runs": runs, "problems": problems,
+                "refusals": [asdict(r) for r in refusals]}}
+
+
+def _entries(ledger: Path) -> list[Entry]:
+    try:
+        with Ledger(ledger, create=False) as opened:
+            return opened.entries()
+    except (LedgerError, sqlite3.DatabaseError, ValueError, TypeError):
+        return []  # audit_ledger reports it
+
+
+def _printable(text: Any) -> str:
+    """Text that came from a coordinator, safe for a terminal."""
+    return "".join(c if c.isprintable() else "?" for c in str(text))
+
+
+def _render_device(device: dict[str, Any]) -> list[str]:
+    policy = device["policy"]
+    lines = [f"device {device['state']}: policy since {device['policy_since'] or '-'}: "
+             + (", ".join(f"{k}={v}" for k, v in sorted(policy.items())) or "none recorded")]
+    for r in device["runs"]:
+        planned = r["planned_rounds"] if r["planned_rounds"] is not None else "?"
+        lines.append(_printable(
+            f"  run {r['run_id']} ({r['coordinator']}): {r['rounds']} of {planned} rounds, "
+            f"ε of the run {_fmt(r['epsilon'])}, cumulative after it "
+            f"{_fmt(r['epsilon_after'])}"))
+    lines += [_printable(f"  refused {f['time']} run {f['run']} round {f['round']} "
+                         f"{f['kind']} ({f['coordinator']}): {f['code']}: {f['reason']}")
+              for f in device["refusals"]]
+    lines += [f"  {p}" for p in device["problems"]]
+    return lines
 
 
 def _metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -291,6 +358,8 @@ def render(result: dict[str, Any]) -> str:
               for f in result.get("privacy_flags", [])]
     if result.get("note"):
         lines.append(result["note"])
+    if "device" in result:
+        lines += _render_device(result["device"])
     if "empirical" in result:
         e = result["empirical"]
         eps = format_epsilon(e.get("epsilon_accountant"), 3)

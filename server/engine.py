@@ -44,9 +44,9 @@ from server.progress import ProgressMonitor
 from server.records import summary_line
 from server.replies import Reply, as_update, bytes_down, exchange, from_record, to_record
 from server.rows import add_costs, client_rows, dropouts
-from server.spend import REGISTRY, SpendRecord
+from server.spend import SpendRecord, registry_path
 from server.strategies import STRATEGIES, AdapterStrategy
-from server.validation import accept_updates
+from server.validation import accept_updates, max_update_norm
 
 __all__ = ["FederationError", "TooFewUpdates", "Federation", "run_federation"]
 log = logging.getLogger("fedslm")
@@ -167,8 +167,9 @@ class Federation:
             echo(f"resuming run {run_dir.name} after round {self.state.round}")
         # clients whose ledgers live in a simulation's run directory start new ones each run
         registry = not simulation or bool(config["state-root"])
-        self.spend = SpendRecord.from_json(self.state.spend,
-                                           run_dir.parent / REGISTRY if registry else None)
+        self.spend = SpendRecord.from_json(
+            self.state.spend, simulation, registry_path(run_dir.parent, simulation) if registry
+            else None)
 
     def run(self) -> None:
         self.strategy.summary()
@@ -211,7 +212,7 @@ class Federation:
         updates = [r for r in replies if r not in out.refused]
         try:
             out.trained = accept_updates(updates, failures, self.strategy.expected_update, rnd,
-                                         self.config["max-update-norm"],
+                                         max_update_norm(self.config),
                                          self.config["min-replies"])
         except TooFewUpdates as exc:  # the global adapter stays as it was
             log.warning("%s; round skipped", exc)
@@ -250,7 +251,8 @@ class Federation:
         """The round's line in metrics.jsonl, then the checkpoint, then the summary."""
         state, evaluated = self.state, evaluation.replies
         rows = client_rows(training.trained, training.refused, evaluated)
-        state.epsilon_by_client.update({row["client"]: row["epsilon"] for row in rows})
+        # by node: a name is what a client claims, and two may claim one
+        state.epsilon_by_client.update({str(row["node"]): row["epsilon"] for row in rows})
         flags = self.spend.check(training.trained + training.refused + evaluated,
                                  self.run_dir.name, rnd)
         state.spend = self.spend.to_json()

@@ -18,6 +18,7 @@ def client_row(status: str, r: Reply, ev: Reply | None) -> dict[str, Any]:
     e = ev.metrics if ev else {}
     return {
         "client": r.client,
+        "node": r.node,
         "status": status,
         "epsilon": epsilon_from_wire(m.get(wire.EPSILON, e.get(wire.EPSILON, 0.0))),
         "delta": m.get(wire.DELTA, e.get(wire.DELTA)),
@@ -48,11 +49,11 @@ def _total(*values: float | None) -> float | None:
 
 def client_rows(trained: list[Reply], refused: list[Reply],
                 evaluated: list[Reply]) -> list[dict[str, Any]]:
-    """Every client's row, by name; `refused` holds every reply not used (its status
-    says why)."""
-    by_client = {r.client: r for r in evaluated}
-    rows = [client_row(Status.TRAINED.value, r, by_client.get(r.client)) for r in trained]
-    rows += [client_row(r.info[STATUS], r, by_client.get(r.client)) for r in refused]
+    """Every client's row, its evaluation paired by node (a name is only what a client
+    claims); `refused` holds every reply not used (its status says why)."""
+    by_node = {r.node: r for r in evaluated}
+    rows = [client_row(Status.TRAINED.value, r, by_node.get(r.node)) for r in trained]
+    rows += [client_row(r.info[STATUS], r, by_node.get(r.node)) for r in refused]
     if not trained and not refused:  # round 0: evaluation only
         rows = [client_row(Status.EVALUATED.value, r, r) for r in evaluated]
     return sorted(rows, key=lambda row: row["client"])

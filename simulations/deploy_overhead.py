@@ -1,8 +1,8 @@
 """The deployed federation's per-round overhead: the README's walk-through (docs/deployment.md)
 on this machine, a SuperLink and two SuperNodes on 127.0.0.1 with TLS and node
-authentication, with and without the node's worker (`fedslm supernode --no-worker`).
+authentication, each device under its own policy (the owner releases its timings).
 
-    python -m simulations.deploy_overhead [--no-worker] [--rounds 2] [--set key=value ...]
+    python -m simulations.deploy_overhead [--rounds 2] [--set key=value ...]
 
 Overhead of a round = 1 - (the slowest client's training + evaluation seconds) / the
 round's wall time, from the run's metrics.jsonl. Everything runs in a temporary folder
@@ -34,8 +34,8 @@ def _port() -> int:
 
 
 class Walkthrough:
-    def __init__(self, root: Path, worker: bool) -> None:
-        self.root, self.worker, self.port = root, worker, _port()
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, _port()
         self.env = {**os.environ, "FLWR_HOME": str(root / "superlink" / "flwr"),
                     "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                     "HF_HUB_OFFLINE": "1"}
@@ -61,14 +61,15 @@ class Walkthrough:
         for i in (1, 2):
             self.flwr("supernode", "register", str(certs / "nodes" / f"node-{i}.pub"),
                       "fedslm")
+            policy = self.root / f"device-{i}-policy.toml"
+            # this machine's own figures: the nodes release their timings
+            policy.write_text(f"budget-epsilon = 100.0\npartition-id = {i - 1}\n"
+                              "release-stats = true\n")
             self.fedslm("supernode", "--ca", str(certs / "ca.crt"), "--key",
                         str(certs / "nodes" / f"node-{i}.key"), "--superlink",
                         f"127.0.0.1:{self.port}", "--port", str(_port()), "--state",
-                        str(self.root / f"device-{i}"), "--node-config",
-                        # this machine's own figures: the nodes release their timings
-                        f"partition-id={i - 1} device-profile='laptop' release-stats=true",
-                        *([] if self.worker else ["--no-worker"]),
-                        log=f"device-{i}")
+                        str(self.root / f"device-{i}"), "--policy", str(policy),
+                        "--node-config", "device-profile='laptop'", log=f"device-{i}")
         self._until(lambda: self._online() == 2)
 
     def _online(self) -> int:
@@ -140,7 +141,6 @@ def overhead(run_dir: Path) -> list[dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--no-worker", action="store_true")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--set", action="append", default=[], help="run config key=value")
     p.add_argument("--keep", help="keep the walk-through's folder (logs, state) here")
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fedslm-walk-") as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        walk = Walkthrough(root, worker=not args.no_worker)
+        walk = Walkthrough(root)
         try:
             walk.start()
             started = time.perf_counter()
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             total = time.perf_counter() - started
         finally:
             walk.stop()
-    print(f"worker: {not args.no_worker}; flwr run wall {total:.1f} s")
+    print(f"flwr run wall {total:.1f} s")
     print("| round | wall s | slowest client s | overhead |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['round']} | {r['wall_s']:.1f} | {r['slowest_client_s']:.1f} | "

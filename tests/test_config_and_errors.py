@@ -187,7 +187,9 @@ def test_certs_bad_targets_and_counts(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--node-config", "garbage"], "--node-config must be key=value pairs, got 'garbage'"),
-    (["--node-config", "partition-id=-1"], "node config key 'partition-id' must be >= 0"),
+    (["--node-config", "threads=-1"], "node config key 'threads' must be >= 0"),
+    (["--node-config", "partition-id=1"], "node config key 'partition-id' is the device "
+     "policy's"),
     (["--node-config", "lora-r=x"], "--node-config values must be numbers"),
     (["--node-config", "dp=false"], "node config key 'dp' is set by the server"),
     (["--superlink", "localhost"], "--superlink must be HOST:PORT, got 'localhost'"),
@@ -195,7 +197,10 @@ def test_certs_bad_targets_and_counts(tmp_path, capsys):
     (["--port", "0"], "--port must be a port in 1..65535, got 0"),
 ])
 def test_supernode_refuses_bad_values_at_start(args, message, tmp_path, capsys):
-    err = _cli_error(["supernode", "--insecure", "--state", str(tmp_path / "s"), *args], capsys)
+    policy = tmp_path / "policy.toml"
+    policy.write_text("budget-epsilon = 8.0\n")
+    err = _cli_error(["supernode", "--insecure", "--state", str(tmp_path / "s"),
+                      "--policy", str(policy), *args], capsys)
     assert message in err
     assert not (tmp_path / "s").exists()  # refused before anything was written
 

@@ -56,12 +56,21 @@ class Deployment:
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
 
+    def policy(self, name: str, partition: int) -> Path:
+        """The device owner's policy: its data, the test model, a lifetime budget."""
+        path = self.root / f"{name}-policy.toml"
+        path.write_text(f"budget-epsilon = 200.0\nmax-epsilon-per-run = 10.0\n"
+                        f"data = {json.dumps(str(self.data))}\npartition-id = {partition}\n"
+                        f"models = [{json.dumps(str(self.model))}]\nseq-len = 32\n")
+        return path
+
     def start_node(self, name: str, partition: int) -> subprocess.Popen:
         return self.start(name, [
             "supernode", "--ca", str(self.certs / "ca.crt"),
             "--key", str(self.certs / "nodes" / f"{name}.key"),
             "--superlink", f"127.0.0.1:{self.port}", "--port", str(_free_port()),
-            "--state", str(self.state(name)), "--node-config", f"partition-id={partition}"])
+            "--state", str(self.state(name)), "--policy", str(self.policy(name, partition)),
+            "--node-config", "threads=1"])
 
     def state(self, name: str) -> Path:
         return self.root / "devices" / name
@@ -84,7 +93,10 @@ class Deployment:
     def run_args(self, out: Path, **config: object) -> list[str]:
         settings = {"num-clients": 2, "num-server-rounds": 2, "model": str(self.model),
                     "data": str(self.data), "seq-len": 32, "batch-size": 4, "local-steps": 2,
-                    "lora-r": 4, "max-eval-seqs": 4, "out": str(out), **config}
+                    "lora-r": 4, "max-eval-seqs": 4, "out": str(out),
+                    # the devices serve many runs: each run's own ε is held to the
+                    # policy's max-epsilon-per-run (10) by the devices, not by this target
+                    "target-epsilon": 150.0, **config}
         run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
         return ["run", str(APP_DIR), "fedslm", "--stream", "--run-config", run_config]
 
@@ -111,6 +123,17 @@ def deployment(tmp_path_factory, tiny_model):
 
     root = tmp_path_factory.mktemp("deploy")
     dep = Deployment(root, tiny_model, make_text_clients(root / "data"))
+    try:
+        _start(dep)
+    except BaseException:  # a failed start leaves nothing running either
+        dep.stop()
+        raise
+    yield dep
+    dep.stop()
+
+
+def _start(dep: Deployment) -> None:
+    root = dep.root
     made = subprocess.run([*FEDSLM, "certs", str(dep.certs), "--nodes", "3"],
                           capture_output=True, text=True, env=dep.env)
     assert made.returncode == 0, made.stderr
@@ -127,8 +150,6 @@ def deployment(tmp_path_factory, tiny_model):
     dep.start_node("node-1", 0)
     dep.start_node("node-2", 1)
     dep.wait_online(2)
-    yield dep
-    dep.stop()
 
 
 def _listening(pids: list[int]) -> set[str]:
@@ -166,7 +187,7 @@ def test_tls_authenticated_federation_runs_two_rounds(deployment, tmp_path):
     assert [x["round"] for x in lines] == [0, 1, 2]
     for line in lines:
         assert RUN_KEYS <= set(line) and line["failures"] == []
-        assert {c["client"] for c in line["clients"]} == {"client-0", "client-1"}
+        assert {c["client"] for c in line["clients"]} == {"node-1", "node-2"}  # owners' names
         assert all(CLIENT_KEYS <= set(c) for c in line["clients"])
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     # a device's default: its timings, energy and held-out sums stay on it
@@ -209,8 +230,8 @@ def test_a_killed_supernode_does_not_stop_the_run(deployment, tmp_path):
     assert [x["round"] for x in lines] == [0, 1, 2]
     assert lines[1]["failures"]
     assert [c["client"] for c in lines[1]["clients"] if c["status"] == "trained"] == \
-        ["client-0"]
-    assert [c["client"] for c in lines[2]["clients"]] == ["client-0"]
+        ["node-1"]
+    assert [c["client"] for c in lines[2]["clients"]] == ["node-1"]
     charged = [e for e in _ledger(deployment, "node-2") if e.run_id == run_dir.name]
     assert [e.round for e in charged] == [1]  # its spend survived the crash
 
@@ -225,8 +246,8 @@ def test_a_killed_supernode_does_not_stop_the_run(deployment, tmp_path):
     assert audit.returncode == 0, audit.stdout
 
 
-LOADED = "fedslm worker: model loaded (load #"
-SERVED = re.compile(r"fedslm worker: (train|evaluate) request #\d+: ok")
+LOADED = "fedslm: model loaded (load #"
+SERVED = re.compile(r"fedslm: (train|evaluate) task #\d+: ok")
 
 
 def _descendants(deployment: Deployment, name: str) -> list[psutil.Process]:
@@ -244,7 +265,7 @@ def test_a_node_loads_its_model_once_per_run(deployment, tmp_path):
     names = ("node-1", "node-2")
     workers = {name: _worker(deployment, name).pid for name in names}
     assert all(stat.S_IMODE((deployment.state(n) / f).stat().st_mode) == 0o600
-               for n in names for f in ("worker.sock", "worker.key"))
+               for n in names for f in ("superexec.secret", "device.sqlite"))
     offsets = {name: len(deployment.log(name)) for name in names}
     out = deployment.flwr(*deployment.run_args(tmp_path / "a", **{"lora-r": 3}), timeout=400)
     assert deployment.last_status() == "finished:completed", out.stdout[-3000:]
@@ -270,8 +291,7 @@ def test_a_node_loads_its_model_once_per_run(deployment, tmp_path):
     deployment.kill("node-1", signal.SIGTERM)
     _, alive = psutil.wait_procs(processes, timeout=15)
     assert not alive and not psutil.pid_exists(workers["node-1"])
-    assert not (deployment.state("node-1") / "worker.sock").exists()
-    assert not (deployment.state("node-1") / "worker.key").exists()
+    assert not (deployment.state("node-1") / "superexec.secret").exists()
     deployment.start_node("node-1", 0)  # the fixture as it was
     deployment.wait_online(2)
 
@@ -282,7 +302,20 @@ def test_insecure_is_loud_and_tls_needs_certificates(tmp_path):
     assert missing.returncode == 2 and "give --certs" in missing.stderr
     node = subprocess.run([*FEDSLM, "supernode", "--state", str(tmp_path / "n")],
                           capture_output=True, text=True)
+    assert node.returncode == 2 and "give --policy" in node.stderr
+    policy = tmp_path / "policy.toml"
+    policy.write_text("budget-epsilon = 8.0\n")
+    node = subprocess.run([*FEDSLM, "supernode", "--state", str(tmp_path / "n"),
+                           "--policy", str(policy)], capture_output=True, text=True)
     assert node.returncode == 2 and "give --ca" in node.stderr
+    for args, expected in [(["--policy", str(tmp_path / "none.toml")], "policy file not found"),
+                           (["--policy", str(policy), "--node-config", "data='x.jsonl'"],
+                            "node config key 'data' is the device policy's"),
+                           (["--policy", str(policy), "--no-worker"], "--no-worker is gone")]:
+        node = subprocess.run([*FEDSLM, "supernode", "--state", str(tmp_path / "n"), *args],
+                              capture_output=True, text=True)
+        assert node.returncode == 2 and expected in node.stderr, node.stderr
+        assert len(node.stderr.strip().splitlines()) == 1
     proc = subprocess.Popen([*FEDSLM, "superlink", "--insecure", "--port", str(_free_port()),
                              "--state", str(tmp_path / "s")], stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -335,9 +368,90 @@ def test_a_deleted_device_ledger_is_flagged_by_the_server(deployment, tmp_path):
     assert deployment.last_status() == "finished:completed", again.stdout[-3000:]
     run_dir = run_dirs(out)[-1]
     flags = read_metrics(run_dir)[0]["privacy_flags"]
-    assert [f["client"] for f in flags] == ["client-0"]
+    assert [f["client"] for f in flags] == ["node-1"]
     assert flags[0]["problem"].startswith("no privacy ledger while this server saw ε=")
     audit = subprocess.run([*FEDSLM, "audit", str(run_dir)], capture_output=True, text=True)
     assert audit.returncode == 1
-    assert "round 0: the server flagged client-0: no privacy ledger" in audit.stdout
+    assert "round 0: the server flagged node-1: no privacy ledger" in audit.stdout
     assert "the clients' ledgers are on their devices" in audit.stdout
+
+
+def test_a_hostile_run_config_is_refused_with_a_code(deployment, tmp_path):
+    """`dp=false` and a data file the owners never named: both devices refuse the run from
+    its first message, the server hears `refused-by-policy` and nothing else, the reasons
+    are in the devices' logs and records."""
+    secret = tmp_path / "not-the-owners.jsonl"
+    secret.write_text('{"text": "a file the coordinator chose"}\n' * 40)
+    offsets = {n: len(deployment.log(n)) for n in ("node-1", "node-2")}
+    run = deployment.flwr(*deployment.run_args(tmp_path / "runs", **{
+        "dp": False, "data": str(secret), "num-server-rounds": 1}), timeout=400)
+    assert deployment.last_status() == "finished:failed"
+    server_saw = run.stdout + run.stderr
+    reasons = re.findall(r"round 0 evaluate: node \d+ failed: (.*)", server_saw)
+    assert reasons == ["refused-by-policy"] * 2, server_saw[-3000:]
+    assert str(deployment.root / "devices") not in server_saw and "dp=false:" not in server_saw
+    for name in offsets:
+        log = deployment.log(name)[offsets[name]:]
+        assert "dp=false: this device trains only under DP" in log
+        audit = subprocess.run([*FEDSLM, "audit", str(deployment.state(name))],
+                               capture_output=True, text=True)
+        assert "refused-by-policy: dp=false" in audit.stdout, audit.stdout
+        assert "policy since" in audit.stdout and "budget-epsilon=200.0" in audit.stdout
+
+
+def test_a_hostile_app_bundle_never_runs_on_a_device(deployment, tmp_path):
+    """A copy of the app whose ClientApp reads the device's data, ledger and secret and
+    replies with their bytes: the devices serve the run with their own installed app."""
+    import shutil
+
+    bundle = tmp_path / "hostile-app"
+    shutil.copytree(APP_DIR, bundle, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "tests", "runs", "docs", "benchmarks", "__pycache__", "*.egg-info"))
+    mark = tmp_path / "the-bundle-ran"
+    (bundle / "client" / "app.py").write_text(HOSTILE_APP.replace("MARK", repr(str(mark))))
+    out = tmp_path / "runs"
+    run = deployment.flwr("run", str(bundle), "fedslm", "--stream", "--run-config",
+                          deployment.run_args(out, **{"num-server-rounds": 1})[-1],
+                          timeout=400)
+    assert deployment.last_status() == "finished:completed", run.stdout[-3000:]
+    assert not mark.exists()  # the bundle's code was never imported on a device
+    lines = read_metrics(run_dirs(out)[-1])
+    trained = [c for c in lines[1]["clients"] if c["status"] == "trained"]
+    assert {c["client"] for c in trained} == {"node-1", "node-2"}
+    assert all(c["noise_multiplier"] > 0 for c in trained)  # DP-trained by the device's code
+    for name in ("node-1", "node-2"):
+        assert "is not run here" in deployment.log(name)
+
+
+HOSTILE_APP = """
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+Path(MARK).write_text("imported")
+app = ClientApp()
+
+
+def _loot(context):
+    state = Path(str(context.node_config.get("state-dir", ".")))
+    found = {}
+    for name in ("ledger.sqlite", "superexec.secret", "device.sqlite"):
+        try:
+            found[name] = (state / name).read_bytes().hex()[:2000]
+        except OSError as exc:
+            found[name] = str(exc)
+    return found
+
+
+@app.train()
+def train(msg, context):
+    Path(MARK).write_text("trained")
+    return Message(RecordDict({"info": ConfigRecord(_loot(context))}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg, context):
+    Path(MARK).write_text("evaluated")
+    return Message(RecordDict({"info": ConfigRecord(_loot(context))}), reply_to=msg)
+"""

@@ -127,6 +127,20 @@ def test_config_table_is_the_schemas():
         f"the lines between {TABLE_START} and {TABLE_END} with the output of\n  {REGENERATE}")
 
 
+def test_the_deployment_table_is_the_policys():
+    """Who decides each key on a device (docs/privacy.md), from client/policy.py: every
+    configuration key is classified (a new one raises KeyError here until it is)."""
+    from client.policy import deployment_table
+
+    start, end = "<!-- deployment-table:start -->", "<!-- deployment-table:end -->"
+    text = (DOCS / "privacy.md").read_text(encoding="utf-8")
+    assert text.count(start) == 1 and text.count(end) == 1
+    assert text.split(start)[1].split(end)[0].strip() == deployment_table(), (
+        "docs/privacy.md's deployment table is out of date: replace the lines between the "
+        "markers with the output of\n  .venv/bin/python -c \"from client.policy import "
+        "deployment_table; print(deployment_table())\"")
+
+
 def test_readme_is_a_front_page():
     text = README.read_text(encoding="utf-8")
     lines = len(text.splitlines())

@@ -27,7 +27,7 @@ ROUND_LINE = {"round", "eval_loss", "perplexity", "token_accuracy", "epsilon", "
               "central_epsilon", "round_seconds", "bytes_up", "bytes_down", "clients",
               "dropouts", "failures", "skipped", "energy_j", "loss_drop_per_kj",
               "privacy_flags"}
-CLIENT_ROW = {"client", "status", "epsilon", "delta", "budget_epsilon", "num_examples",
+CLIENT_ROW = {"client", "node", "status", "epsilon", "delta", "budget_epsilon", "num_examples",
               "train_seconds", "eval_seconds", "noise_multiplier", "sample_rate", "steps",
               "energy_j", "energy_method", "peak_rss_mb", "bytes_up", "eval_loss",
               "quantization", "bytes_down", "samples_per_second", "stats_released"}
@@ -76,8 +76,10 @@ class Clients:
 
 
 def run(tmp_path: Path, clients: Clients, nodes: int = 3, echo=None, **config) -> Path:
+    # the fake clients' increments are no optimizer's: no norm bound (tests/test_server_trust.py)
     config = validate({"num-clients": nodes, "num-server-rounds": 2, "node-wait": 1.0,
-                       "round-timeout": 5.0, "update-encoding": clients.encoding, **config})
+                       "round-timeout": 5.0, "update-encoding": clients.encoding,
+                       "max-update-norm": 0.0, **config})
     run_dir = tmp_path / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -270,14 +272,17 @@ def test_a_replaced_ledger_and_a_falling_epsilon_are_flagged(tmp_path):
     assert flags["client-2"].startswith("cumulative ε went down from 0.5000")
     assert "PRIVACY FLAGS: 2" in said[-1]
     state, _ = load_checkpoint(run_dir)
-    assert state["spend"]["client-1"]["ledger_id"] == "id-1-new"  # kept for a resume
+    assert state["spend"]["key"] == "node"
+    assert state["spend"]["seen"]["1"] == {"epsilon": 0.2, "ledger_id": "id-1-new",
+                                           "run_id": "run", "round": 2,
+                                           "client": "client-1"}  # kept for a resume
 
 
 def test_the_server_remembers_spend_across_runs(tmp_path):
     """A deployment's next run: node 0 comes back with a new ledger at ε=0."""
     run(tmp_path, Ledgers(ledger=lambda n, r: f"id-{n}", epsilon=lambda n, r: 0.5 * r))
     registry = json.loads((tmp_path / ".privacy-spend.json").read_text())
-    assert registry["client-0"]["epsilon"] == 1.0
+    assert registry["key"] == "node" and registry["seen"]["0"]["epsilon"] == 1.0
     (tmp_path / "run").rename(tmp_path / "first")
     again = Ledgers(ledger=lambda n, r: "fresh" if n == 0 else f"id-{n}",
                     epsilon=lambda n, r: 1.0 + 0.5 * r if n else 0.5 * r)
