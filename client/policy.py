@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contracts.config import ConfigError, read_toml, validate, validate_node
+from contracts.config import SCHEMA, ConfigError, read_toml, validate, validate_node
 
 # Refusal codes: all that a device tells the server about a refusal or a failure.
 REFUSED_BY_POLICY = "refused-by-policy"
@@ -32,6 +32,9 @@ PINNED = "@sha256:"  # models entry `<path>@sha256:<hex>`: that path, with that 
 CLIP_RANGE = (1e-3, 1e3)  # clip-norm a device accepts
 # run-config keys the owner decides: the server's values are replaced by the policy's
 OWNER_KEYS = ("data", "partition-id", "client", "eval-task", "release-stats")
+# node keys that spend the device's resources: a run config cannot set them on a device
+RESOURCE_KEYS = ("quantization", "device", "threads", "device-profile", "micro-batch-tokens",
+                 "frozen-cache")
 # run-config keys of a simulation only: a device refuses a run that sets them
 SIMULATION_ONLY = {"reproducible": False, "canary-file": "", "dropout-rate": 0.0}
 
@@ -190,6 +193,8 @@ def apply(policy: Policy, config: dict[str, Any]) -> tuple[dict[str, Any], dict[
     _refuse_unless(model_allowed(policy, run["model"]),
                    f"model {run['model']!r} is not in the policy's models")
     run["simulated-profiles"] = ""  # a simulation's; the node config names the device's
+    for key in RESOURCE_KEYS:  # the device's: its node config, else the default
+        run[key] = SCHEMA[key].default
     budget = [policy.budget_epsilon, policy.budget_delta]
     if run["budget-epsilon"] > 0:  # the run may ask for a stricter budget, never a looser
         budget[0] = min(budget[0], run["budget-epsilon"])
@@ -268,7 +273,7 @@ def _file_sha256(path: Path) -> str:
 # classified here.
 COORDINATOR = "coordinator"
 OWNER = "owner: policy file"
-NODE = "owner: node config (the coordinator's value where the node config is silent)"
+NODE = "owner: node config (else the default; the run config's value is ignored)"
 SERVER_SIDE = "coordinator (server only, never sent to a device)"
 DECIDES: dict[str, tuple[str, str]] = {
     "num-server-rounds": (COORDINATOR, "at most `max-rounds-per-run`; fixed in the run's plan: "
@@ -284,7 +289,8 @@ DECIDES: dict[str, tuple[str, str]] = {
     "device": (NODE, "resources, not privacy"),
     "threads": (NODE, "resources, not privacy"),
     "device-profile": (NODE, "resources, not privacy"),
-    "lora-r": (NODE, "at most `max-lora-r`"),
+    "lora-r": ("coordinator", "at most `max-lora-r`; under HetLoRA a node config may train "
+               "less"),
     "lora-alpha": (COORDINATOR, "post-processing of DP gradients"),
     "lora-dropout": (COORDINATOR, "post-processing of DP gradients"),
     "lora-targets": (COORDINATOR, "which parameters DP-SGD trains; no effect on ε"),
@@ -333,7 +339,7 @@ DECIDES: dict[str, tuple[str, str]] = {
 
 def deployment_table() -> str:
     """docs/privacy.md's table: every configuration key, who decides it on a device."""
-    from contracts.config import SCHEMA, SERVER
+    from contracts.config import SERVER
 
     rows = ["| key | who decides on a device | how |", "|---|---|---|"]
     for name, key in SCHEMA.items():

@@ -248,3 +248,11 @@ def test_a_run_asking_for_more_epsilon_than_the_policy_gets_more_noise(device, t
     run = [(plan["sigma"], plan["sample-rate"], 2 * 2)]  # 2 steps x 2 rounds
     assert epsilon(run, 1e-5) == pytest.approx(plan["run-epsilon"])
     assert 29.0 < plan["run-epsilon"]  # not more noise than the cap needs (0.5% search)
+
+
+def test_the_devices_resources_are_its_own(device, tiny_model):
+    """threads, profile, quantization ...: the node config's, else the defaults."""
+    s = device.settings(_config(tiny_model, threads=64, device_profile="raspberry-pi-5",
+                                quantization="nf4", micro_batch_tokens=0))
+    assert (s.threads, s.device_profile, s.quantization, s.micro_batch_tokens) == \
+        (1, "generic-cpu", "auto", "auto")
