@@ -20,13 +20,18 @@ from contracts.wire import RUN_ID
 
 def estimate_left(running: list[dict[str, Any]], waiting: int) -> float | None:
     """Seconds until the round's last client is done: the slowest running client's
-    remaining steps at its own pace, plus the clients not started yet, run as many at a
-    time as are running now, each taking a running client's average whole time."""
+    remaining steps at its own pace (a client that has started but not finished a step
+    yet: all its steps at the others' mean pace, less its time so far), plus the clients
+    not started yet, run as many at a time as are running now, each taking a running
+    client's average whole time."""
     paced = [r for r in running if r["step"] > 0]
     if not paced:
         return None
     per_step = [r["elapsed"] / r["step"] for r in paced]
-    left = max((r["planned"] - r["step"]) * p for r, p in zip(paced, per_step, strict=True))
+    mean_step = sum(per_step) / len(per_step)
+    left = max([(r["planned"] - r["step"]) * p for r, p in zip(paced, per_step, strict=True)]
+               + [max(0.0, r["planned"] * mean_step - r["elapsed"])
+                  for r in running if r["step"] == 0])
     whole = sum(r["planned"] * p for r, p in zip(paced, per_step, strict=True)) / len(paced)
     batches = -(-waiting // max(1, len([r for r in running if r["step"] < r["planned"]])))
     return left + batches * whole

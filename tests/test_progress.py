@@ -38,6 +38,11 @@ def test_the_estimate_and_the_line():
     assert estimate_left(running, waiting=0) == pytest.approx(80.0)
     assert estimate_left(running, waiting=1) == pytest.approx(155.0)
     assert estimate_left([{"client": "a", "step": 0, "planned": 10, "elapsed": 3.0}], 0) is None
+    # two clients done, the third started but without a step yet (the demo's third
+    # client on 2 cores): its 6 steps at the others' 10 s, less its 4 s so far; not 0
+    done = [{"client": c, "step": 6, "planned": 6, "elapsed": 60.0} for c in "ab"]
+    third = {"client": "c", "step": 0, "planned": 6, "elapsed": 4.0}
+    assert estimate_left([*done, third], waiting=0) == pytest.approx(56.0)
     line = progress_line(1, 31.4, running, sent=3)
     assert line == "  round 1 training, 31s: a 2/10, b 5/10, 1 waiting; about 155s left"
     assert progress_line(1, 5, [], sent=2) == \
