@@ -13,7 +13,7 @@ import logging
 import os
 import warnings
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from client.messages import arrays_of, config_of, error_reply, evaluate_reply, train_reply
@@ -52,11 +52,13 @@ def _round(kind: str, msg: Message, context: Context) -> tuple[str, object]:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    status, body = _round("train", msg, context)
-    return train_reply(msg, body) if status == "ok" else error_reply(msg, str(body))
+    from client.rounds import DROPOUT
+
+    status, body = _round(MessageType.TRAIN, msg, context)
+    return error_reply(msg, str(body)) if status == DROPOUT else train_reply(msg, body)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    _, body = _round("evaluate", msg, context)
+    _, body = _round(MessageType.EVALUATE, msg, context)
     return evaluate_reply(msg, body)

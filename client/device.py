@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Message, MessageType
 
 from client import policy as policy_mod
 from client.messages import arrays_of, config_of, error_reply, evaluate_reply, train_reply
@@ -47,7 +47,7 @@ class Device:
         config = config_of(msg)
         rnd = _int(config.get(w.SERVER_ROUND, 0))
         try:
-            if kind not in ("train", "evaluate"):
+            if kind not in (MessageType.TRAIN, MessageType.EVALUATE):
                 raise Refusal(REFUSED_BY_POLICY, f"message type {kind!r} is not served")
             return self._serve(kind, msg, config, run, who)
         except Refusal as refusal:
@@ -74,7 +74,7 @@ class Device:
         from client.rounds import run_round
 
         s = self.settings(config)
-        if kind == "evaluate":
+        if kind == MessageType.EVALUATE:
             return evaluate_reply(msg, run_round(kind, s, arrays_of(msg))[1])
         s = self._hold_to_plan(s, config, run, who)
         _, (arrays, metrics, info) = run_round(kind, s, arrays_of(msg))

@@ -19,7 +19,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contracts.config import SCHEMA, ConfigError, read_toml, validate, validate_node
+from contracts.config import (
+    RUN_KEYS,
+    SCHEMA,
+    ConfigError,
+    read_toml,
+    validate,
+    validate_node,
+)
 
 # Refusal codes: all that a device tells the server about a refusal or a failure.
 REFUSED_BY_POLICY = "refused-by-policy"
@@ -150,7 +157,7 @@ def checked_node_config(node_config: dict[str, Any]) -> dict[str, Any]:
     """The node config's own keys (device, threads, profile ...), checked; the keys the
     policy decides are refused there, so that there is one place for each."""
     owned = sorted(set(node_config) & {*OWNER_KEYS, "budget-epsilon", "budget-delta",
-                                       "state-dir", "cache-dir", "worker"})
+                                       "state-dir", "cache-dir"})
     if owned:
         raise PolicyError(f"node config key {owned[0]!r} is the device policy's: set it in "
                           "the policy file (or, for state-dir/cache-dir, with --state)")
@@ -164,7 +171,7 @@ def apply(policy: Policy, config: dict[str, Any]) -> tuple[dict[str, Any], dict[
     release of stats are the owner's; the caller adds the device's node config and
     state folders."""
     try:
-        run = validate({k: v for k, v in config.items() if k in _run_keys()})
+        run = validate({k: v for k, v in config.items() if k in RUN_KEYS})
     except ConfigError as exc:
         raise Refusal(REFUSED_BY_POLICY, f"the run config is invalid: {exc}") from None
     for key, allowed in SIMULATION_ONLY.items():
@@ -212,12 +219,6 @@ def ignored_keys(policy: Policy, config: dict[str, Any]) -> list[str]:
     """The run config's owner keys that differ from the policy's (for the device's log)."""
     mine = {"data": policy.data, "eval-task": policy.eval_task}
     return [f"{k}={config[k]!r}" for k in mine if k in config and config[k] != mine[k]]
-
-
-def _run_keys() -> set[str]:
-    from contracts.config import RUN_KEYS
-
-    return set(RUN_KEYS)
 
 
 def _refuse_unless(ok: bool, reason: str) -> None:

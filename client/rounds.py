@@ -13,6 +13,7 @@ import time
 import zlib
 
 import torch
+from flwr.app import MessageType
 
 from client import adapter as adapter_mod
 from client import tasks
@@ -34,15 +35,14 @@ log = logging.getLogger("fedslm")
 Reply = tuple[Arrays, dict[str, float], dict[str, str]]  # (arrays, metrics, info)
 
 
-TRAIN, EVALUATE = "train", "evaluate"
-OK, DROPOUT = "ok", "dropout"
+OK, DROPOUT = "ok", "dropout"  # run_round's outcomes
 
 
 def run_round(kind: str, s: ClientSettings, arrays: Arrays) -> tuple[str, object]:
     """A train or evaluate round in this process: ("ok", (arrays, metrics, info)) or
     ("dropout", reason) for a simulated dropout. The ClientApp (client/app.py) and a
     device's process (client/device.py) both come here; errors are raised."""
-    if kind == EVALUATE:
+    if kind == MessageType.EVALUATE:
         return OK, evaluate_round(s, dict(arrays))
     if simulated_dropout(s):  # an error reply, as from a device that failed
         return DROPOUT, f"simulated dropout (dropout-rate={s.dropout_rate:g})"

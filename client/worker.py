@@ -30,8 +30,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from contracts.errors import FedslmError
+
+if TYPE_CHECKING:
+    from client.device import Device
 
 POLL_SECONDS = 0.5  # between AcquireTask calls while no message waits
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
@@ -39,9 +43,9 @@ ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 log = logging.getLogger("fedslm.worker")
 
 
-def serve(runtime: str, secret: bytes, device: object, stop_after: int | None = None) -> None:
-    """Take the SuperNode's ClientApp tasks one at a time and serve each with `device`
-    (client.device.Device); `stop_after` tasks, or forever."""
+def serve(runtime: str, secret: bytes, device: Device) -> None:
+    """Take the SuperNode's ClientApp tasks one at a time, for ever, and serve each with
+    `device`."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import (
@@ -57,7 +61,7 @@ def serve(runtime: str, secret: bytes, device: object, stop_after: int | None = 
                                  agentapp_fab_hashes=[])
     served = loads = 0
     log.info("serving the SuperNode at %s (pid %d)", runtime, os.getpid())
-    while stop_after is None or served < stop_after:
+    while True:
         try:
             res = client.AcquireTask(request)
         except Exception as exc:  # noqa: BLE001 - the SuperNode is starting or restarting
@@ -70,21 +74,23 @@ def serve(runtime: str, secret: bytes, device: object, stop_after: int | None = 
         started, before = time.perf_counter(), _loaded()
         kind, outcome = run_task(runtime, res.token, device)
         served += 1
-        if _loaded() is not None and _loaded() is not before:
+        loaded = _loaded()
+        if loaded is not None and loaded is not before:
             loads += 1
-            log.info("model loaded (load #%d): %s, quantization %s", loads, _loaded().source,
-                     _loaded().quantization.mode)
+            log.info("model loaded (load #%d): %s, quantization %s", loads, loaded.source,
+                     loaded.quantization.mode)
         log.info("%s task #%d: %s in %.1fs", kind, served, outcome,
                  time.perf_counter() - started)
 
 
-def _loaded() -> object:
+def _loaded():
+    """The model the process holds (client.cache.LoadedModel), or None."""
     from client.cache import Session
 
     return Session.loaded_model()
 
 
-def run_task(runtime: str, token: str, device: object) -> tuple[str, str]:
+def run_task(runtime: str, token: str, device: Device) -> tuple[str, str]:
     """Pull one task's message, serve it, push the reply; (message type, outcome)."""
     from flwr.common.constant import SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender
@@ -108,9 +114,8 @@ def run_task(runtime: str, token: str, device: object) -> tuple[str, str]:
         message, context, run, fab = pull_task_input(client)
         kind = message.metadata.message_type
         log.info("run %s: %s message; the coordinator's app bundle %s (%s) is not run "
-                 "here", run.run_id, message.metadata.message_type, run.fab_id or "?",
-                 fab.hash_str[:12])
-        reply = device.handle(message, coordinator_of(run))  # type: ignore[attr-defined]
+                 "here", run.run_id, kind, run.fab_id or "?", fab.hash_str[:12])
+        reply = device.handle(message, coordinator_of(run))
         push_message(client, reply, context)
         status = SubStatus.COMPLETED
         outcome = f"error reply {reply.error.reason}" if reply.has_error() else "ok"
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def make_device(args: argparse.Namespace) -> object:
+def make_device(args: argparse.Namespace) -> Device:
     from client.device import Device
     from client.policy import checked_node_config, load_policy
     from privacy.device_record import DeviceState

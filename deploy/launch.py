@@ -15,6 +15,7 @@ when one exits and exits with flower-supernode's code.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ INSECURE_WARNING = ("fedslm: WARNING: --insecure: TLS is OFF. Adapters, metrics 
 
 
 SECRET_FILE = "superexec.secret"  # in the node's state folder, 0600, new at each start
+LOCK_FILE = "node.lock"  # held by the one `fedslm supernode` of a state folder
 STOP_SECONDS = 30.0  # a child's graceful exit before it is killed
 NO_WORKER = ("--no-worker is gone: it ran the coordinator's app bundle with this device's "
              "data, ledger and keys in reach. A device always runs its own installed "
@@ -50,12 +52,6 @@ NO_WORKER = ("--no-worker is gone: it ran the coordinator's app bundle with this
 
 class DeployError(FedslmError):
     """A missing certificate or key, or an unusable option."""
-
-
-class NodeFailed(FedslmError):
-    """The node's worker could not start."""
-
-    exit_code = FAILED
 
 
 def node_environ(flwr_home: Path) -> dict[str, str]:
@@ -194,6 +190,7 @@ def start_supernode(ca: Path | None, key: Path | None, superlink: str, port: int
     command = supernode_command(ca, key, superlink, port, state, insecure)
     _warn_if(insecure)
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _lock(state)
     return supervise(command, worker_command(port, state, policy, superlink, node),
                      state / "flwr", state / SECRET_FILE)
 
@@ -217,6 +214,8 @@ def supervise(command: list[str], worker: list[str], flwr_home: Path, secret: Pa
         children["node"] = _spawn([sys.executable, "-m", "deploy.supernode_poll",
                                    *command[1:]], env)
         children["worker"] = _spawn(worker, env)
+        if received:  # a signal that came before the worker was there
+            _signal(children["worker"], received[0])
         while all(child.poll() is None for child in children.values()):
             time.sleep(0.2)
         if children["worker"].poll() is not None and not received:
@@ -283,6 +282,17 @@ def _signal(child: subprocess.Popen, signum: int) -> None:
 def _kill(child: subprocess.Popen) -> None:
     _signal(child, signal.SIGKILL)
     child.wait()
+
+
+def _lock(state: Path) -> None:
+    """Hold the state folder for this process's life (the kernel lets go when it ends, also
+    when it is killed): two nodes on one ledger and one SuperExec secret are refused."""
+    fd = os.open(state / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DeployError(f"another `fedslm supernode` runs with --state {state}") from None
 
 
 def _write_secret(path: Path) -> None:

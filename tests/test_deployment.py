@@ -164,6 +164,21 @@ def _listening(pids: list[int]) -> set[str]:
     return found
 
 
+def test_a_state_folder_serves_one_node(deployment):
+    """A second `fedslm supernode` on a running node's state folder (its ledger, its
+    SuperExec secret) is refused before it starts anything."""
+    args = ["supernode", "--ca", str(deployment.certs / "ca.crt"),
+            "--key", str(deployment.certs / "nodes" / "node-1.key"),
+            "--superlink", f"127.0.0.1:{deployment.port}", "--port", str(_free_port()),
+            "--state", str(deployment.state("node-1")),
+            "--policy", str(deployment.policy("node-1", 0))]
+    second = subprocess.run([*FEDSLM, *args], capture_output=True, text=True,
+                            env=deployment.env, timeout=60)
+    assert second.returncode == 2
+    assert "another `fedslm supernode` runs with --state" in second.stderr
+    assert (deployment.state("node-1") / "superexec.secret").is_file()  # the first's, kept
+
+
 def test_unregistered_supernode_is_refused(deployment):
     proc = deployment.start_node("node-3", 2)
     assert proc.wait(timeout=60) != 0

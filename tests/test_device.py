@@ -147,6 +147,15 @@ def test_the_plan_is_the_contract(device, tiny_model):
         assert [r.code for r in state.refusals()] == ["bad-plan"] * 3
     assert plan["sigma"] == sigma and plan["num-server-rounds"] == 2
     assert coordinator == "127.0.0.1:9092" and run == "1"
+    # the owner's audit recomputes the run's ε from the ledger: the plan's, to the PLD's grid
+    from privacy.audit import audit
+
+    report = audit(device.state_dir)
+    (spent,) = report["device"]["runs"]
+    assert report["ok"] and spent["rounds"] == 2 and spent["planned_rounds"] == 2
+    assert spent["coordinator"] == coordinator
+    assert spent["epsilon"] == pytest.approx(plan["run-epsilon"], rel=1e-3)
+    assert [r["code"] for r in report["device"]["refusals"]] == ["bad-plan"] * 3
 
 
 def test_the_same_server_seed_gives_different_adapters(device, tiny_model):

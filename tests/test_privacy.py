@@ -38,6 +38,15 @@ def test_independent_accountants_agree_on_a_known_setting():
     assert CHARGED == ("pld", REPLACE_ONE)
 
 
+def test_the_accountants_agree_where_epsilon_is_large():
+    """A device's run at ε ≈ 20: the Fourier accountant's grid at L = 20 read 18.51 (its
+    range cut the tail); it must agree with the PLD, so that an audit can check it."""
+    large = [(0.322265625, 4 / 57, 4)]
+    pld = epsilon(large, 1e-5, "pld", REPLACE_ONE)
+    assert pld == pytest.approx(19.90, abs=0.01)
+    assert epsilon(large, 1e-5, "fft", REPLACE_ONE) == pytest.approx(pld, rel=1e-3)
+
+
 def test_replace_one_without_sampling_is_add_remove_at_twice_the_sensitivity():
     """q = 1: replacing a record moves the sum by up to 2C, the Gaussian mechanism of
     σ/2 under add/remove (a closed-form check on both replace-one accountants)."""
